@@ -1,0 +1,247 @@
+"""The `edgeagent` command: one handler per subcommand, each returning an exit code (SPEC §2).
+
+Exit codes: 0 ok; 1 degraded; 2 failed / critical; 64 usage error; 78 configuration error.
+Errors are one line on stderr naming the file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from edgeagent import __version__
+from edgeagent.config import Config, load, resolve_path
+from edgeagent.errors import ConfigError, EdgeAgentError, JournalError, KeyFileError
+
+EXIT_OK, EXIT_DEGRADED, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64, 78
+STATE_EXIT = {"ok": EXIT_OK, "degraded": EXIT_DEGRADED, "down": EXIT_FAILED}
+
+log = logging.getLogger("edgeagent")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors; SPEC §2 says 64 (EX_USAGE)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+class _KeyValueFormatter(logging.Formatter):
+    """`level logger event key=value…`; timestamps only when not under journald (it adds its own)."""
+
+    def __init__(self, timestamps: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s" if timestamps else
+                         "%(levelname)s %(name)s %(message)s")  # fmt: skip
+
+
+def setup_logging(verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_KeyValueFormatter(timestamps="JOURNAL_STREAM" not in os.environ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("edgeagent.paho").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load(resolve_path(getattr(args, "config", None)))
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgeagent import daemon  # noqa: PLC0415 - keep `status` and `events` free of paho/httpx imports
+
+    setup_logging(args.verbose)
+    config = _config(args)
+    make_delivery = None
+    try:
+        from edgeagent import delivery  # noqa: PLC0415
+
+        make_delivery = delivery.make
+    except ImportError:
+        pass
+    return daemon.run(config, make_delivery)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edgeagent import status  # noqa: PLC0415
+
+    config = _config(args)
+    view = status.collect(config)
+    if args.json:
+        print(json.dumps(view, ensure_ascii=False, indent=2))
+    else:
+        print(status.render_text(view))
+    return STATE_EXIT[view["state"]]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from edgeagent import check  # noqa: PLC0415
+
+    return check.run(resolve_path(args.config), online=args.online)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from edgeagent.journal import Journal  # noqa: PLC0415
+
+    config = _config(args)
+    if not config.journal_path.exists():
+        print(f"edgeagent: no journal yet at {config.journal_path} (has `edgeagent run` started?)", file=sys.stderr)
+        if args.json:
+            print("[]")
+        return EXIT_FAILED
+    journal = Journal(config.journal_path, readonly=True)
+    try:
+        rows = journal.events(args.state, args.limit)
+    finally:
+        journal.close()
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"no {args.state or ''} events".replace("  ", " "))
+        return EXIT_OK
+    for row in rows:
+        when = (row["received_at"] or "")[:19].replace("T", " ")
+        where = f"{row['camera'] or '-'}{':' + row['lane'] if row['lane'] else ''}"
+        if row["state"] == "rejected":
+            what = f"{row['reason']}: {row['detail']}"
+        else:
+            what = (f"{row['plate_number']} → {row['entrance_number']} {row['out_serial_number']}"
+                    f" tries={row['attempts']}")  # fmt: skip
+            if row["serial_number"]:
+                what += f" wx={row['serial_number']}"
+            if row["last_error"] and row["state"] != "sent":
+                what += f" error={row['last_error']}"
+        print(f"{row['id']:>7} {when} {row['state']:<8} {where:<16} {what}"[:200])
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from edgeagent.journal import Journal  # noqa: PLC0415
+
+    if not args.dead and not args.ids:
+        print("edgeagent retry: give entry ids or --dead", file=sys.stderr)
+        return EXIT_USAGE
+    config = _config(args)
+    if not config.journal_path.exists():
+        print(f"edgeagent: no journal at {config.journal_path}", file=sys.stderr)
+        return EXIT_FAILED
+    journal = Journal(config.journal_path)
+    try:
+        moved = journal.requeue_dead(None if args.dead else args.ids, time.time())
+    finally:
+        journal.close()
+    missing = sorted(set(args.ids) - set(moved)) if args.ids else []
+    print(f"re-queued {len(moved)} dead entr{'y' if len(moved) == 1 else 'ies'}"
+          + (f": {', '.join(map(str, moved))}" if moved and len(moved) <= 20 else ""))  # fmt: skip
+    if missing:
+        print(f"not dead (or unknown), left as they are: {', '.join(map(str, missing))}", file=sys.stderr)
+        return EXIT_DEGRADED
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from edgeagent import simulate  # noqa: PLC0415
+
+    config = _config(args)
+    return simulate.run(config, camera_id=args.camera, plate=args.plate, color=args.color, lane=args.lane)
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from edgeagent.sandbox import server  # noqa: PLC0415
+
+    setup_logging()
+    return server.serve(Path(args.dir), args.port)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgeagent import demo  # noqa: PLC0415
+
+    return demo.run(keep=args.keep)
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgeagent", description="Parking-gate agent: plate reads → journal → WeChat Pay.")
+    parser.add_argument("--version", action="version", version=f"edgeagent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config",
+            metavar="PATH",
+            help="config file (default: $EDGEAGENT_CONFIG, else /etc/edgeagent/edgeagent.toml)",
+        )
+
+    p = add("run", cmd_run, "run the agent (systemd Type=notify aware)")
+    with_config(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p = add("status", cmd_status, "health, MQTT, uplink, clock, queue and cameras on one screen")
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="print the status object as JSON")
+    p = add("check", cmd_check, "validate the config, keys and files")
+    with_config(p)
+    p.add_argument("--online", action="store_true", help="also try the broker and the API host")
+    p = add("events", cmd_events, "list journal rows, newest first")
+    with_config(p)
+    p.add_argument("--state", choices=["pending", "sent", "dead", "rejected"])
+    p.add_argument("--limit", type=int, default=50, metavar="N")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p = add("retry", cmd_retry, "re-queue dead-lettered entries, keeping their out_serial_number")
+    with_config(p)
+    p.add_argument("ids", nargs="*", type=int, metavar="ID")
+    p.add_argument("--dead", action="store_true", help="re-queue every dead entry")
+    p = add("simulate", cmd_simulate, "publish a plate read in that camera's own format (commissioning)")
+    with_config(p)
+    p.add_argument("--camera", required=True, metavar="ID")
+    p.add_argument("--plate", required=True, metavar="P")
+    p.add_argument("--color", metavar="C", help="blue, yellow, green, … or a PLATE_COLOR_* name")
+    p.add_argument("--lane", metavar="N")
+    p = add("sandbox", cmd_sandbox, "a local stand-in of the WeChat Pay parking API, over HTTPS")
+    p.add_argument("--dir", default="./edgeagent-sandbox", metavar="DIR", help="keys, CA and config fragment")
+    p.add_argument("--port", type=int, default=8443, metavar="N")
+    p = add("demo", cmd_demo, "the whole flow on this machine: broker, sandbox, agent, cameras")
+    p.add_argument("--keep", action="store_true", help="keep the demo's temporary directory")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyFileError as exc:
+        print(f"{resolve_path(getattr(args, 'config', None))}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except JournalError as exc:
+        print(f"edgeagent: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except EdgeAgentError as exc:
+        print(f"edgeagent: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

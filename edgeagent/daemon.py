@@ -1,0 +1,260 @@
+"""`edgeagent run`: wire config → journal → MQTT → ingest (→ delivery), run, and shut down in order.
+
+Threads: paho's network thread (hands messages over), `ingest` (journal, then ack), `delivery`
+(when configured), and the main thread, which writes the heartbeat for `status`, publishes the
+retained status, and feeds the systemd watchdog only while the working loops show progress.
+
+Shutdown on SIGTERM/SIGINT: stop intake (ingest finishes what paho already handed over: commit,
+then ack), stop delivery, publish a final status, disconnect, close the journal, STOPPING=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any, Protocol
+
+from edgeagent import __version__, wechatpay
+from edgeagent.clock import Clock
+from edgeagent.config import Config
+from edgeagent.errors import JournalError, KeyFileError
+from edgeagent.ingest import IngestLoop
+from edgeagent.journal import Journal
+from edgeagent.model import Entry
+from edgeagent.mqtt import LinkState, Message, MqttLink
+from edgeagent.pipeline import Pipeline
+from edgeagent.routing import Router
+from edgeagent.screening import CarTypeLists
+from edgeagent.status import build as build_status
+from edgeagent.status import iso, write_heartbeat
+from edgeagent.systemd import Notifier, watchdog_interval_s
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY_S = 10.0
+STATUS_PUBLISH_EVERY_S = 30.0
+PROGRESS_STALE_S = 20.0  # a working loop silent for this long is stuck: stop feeding the watchdog
+
+
+class Worker(Protocol):
+    """What the daemon needs of a background loop (ingest, delivery)."""
+
+    def run(self) -> None: ...
+    def stop(self) -> None: ...
+    def last_progress(self) -> float: ...
+    def runtime_status(self) -> dict[str, Any]: ...
+
+
+def entry_body(entry: Entry, out_serial_number: str) -> bytes:
+    """The exact request body for `entry`: built once at journaling time and sent on every attempt."""
+    return wechatpay.build_entry_body(
+        wechatpay.EntryRequest(
+            out_serial_number=out_serial_number,
+            parking_id=entry.parking_id,
+            plate_number=entry.plate_number,
+            enter_timestamp=entry.enter_timestamp,
+            plate_color=entry.plate_color,
+            car_type=entry.car_type,
+            vehicle_type=entry.vehicle_type,
+            entrance_number=entry.entrance_number,
+            entrance_name=entry.entrance_name,
+            discount_template_id=entry.discount_template_id,
+        )
+    )
+
+
+def offline_status(config: Config, reason: str) -> bytes:
+    """The retained status a dead or stopped agent leaves on `mqtt.status_topic` (SPEC §7)."""
+    return json.dumps(
+        {"state": "offline", "version": __version__, "client_id": config.mqtt.client_id, "reason": reason},
+        ensure_ascii=False,
+    ).encode()
+
+
+class Daemon:
+    """Owns the adapters and threads of one running agent."""
+
+    def __init__(self, config: Config, *, make_delivery: Any = None) -> None:
+        self.config = config
+        self.clock = Clock()
+        self.started = time.time()
+        self.stopping = threading.Event()
+        self.notifier = Notifier()
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        # The merchant key is read exactly once, here, and only ever held in memory.
+        try:
+            self.private_key = wechatpay.load_private_key(config.wechatpay.merchant_private_key.read_bytes())
+        except OSError as exc:
+            raise KeyFileError(f"wechatpay.merchant_private_key: cannot read: {exc.strerror}") from exc
+        self.journal = Journal(config.journal_path)
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.link = MqttLink(config.mqtt, config.cameras, self.inbox, will_payload=offline_status(config, "lost"))
+        router = Router.build(config)
+        car_types = CarTypeLists(config.parking.car_type_lists, config.parking.default_car_type)
+        self.ingest = IngestLoop(
+            inbox=self.inbox,
+            pipeline=Pipeline(config, router, car_types),
+            journal=self.journal,
+            ack=self.link.ack,
+            clock=self.clock,
+            build_body=entry_body,
+            serial_prefix=config.serial_prefix,
+            repeat_window_s=config.parking.repeat_window_s,
+        )
+        self.delivery: Worker | None = make_delivery(self) if make_delivery else None
+        self._threads: list[threading.Thread] = []
+        self._last_state: str | None = None
+
+    # -- runtime view ----------------------------------------------------------------------------
+
+    def runtime(self) -> dict[str, Any]:
+        """The heartbeat: what only the running process knows (the journal holds the rest)."""
+        synced, how = self.clock.synchronized()
+        offset = self.clock.offset
+        uplink = self.delivery.runtime_status() if self.delivery else {
+            "last_success_at": None, "last_error": None, "base_url_in_use": None, "paused": False,
+        }  # fmt: skip
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "since": iso(self.started),
+            "started": self.started,
+            "heartbeat": time.time(),
+            "mqtt": {
+                "connected": self.link.state is LinkState.CONNECTED,
+                "state": self.link.state.value,
+                "last_message_at": iso(self.link.last_message_at),
+                "client_id": self.config.mqtt.client_id,
+                "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+                "connects": self.link.connects,
+                "session_lost": self.link.session_lost,
+                "last_error": self.link.last_error,
+            },
+            "uplink": uplink,
+            "clock": {"synchronized": synced, "sync_source": how,
+                      "offset_s": None if offset is None else round(offset, 3)},
+            "journal": {"error": self.ingest.stats.journal_error},
+            "intake": {"entries": self.ingest.stats.entries, "rejected": self.ingest.stats.rejected,
+                       "duplicates": self.ingest.stats.duplicates, "ignored": self.ingest.stats.ignored,
+                       "callback_errors": self.link.callback_errors},
+        }  # fmt: skip
+
+    def _healthy(self) -> bool:
+        """Liveness for the watchdog: every loop made progress recently and paho's thread is alive."""
+        mono = time.monotonic()
+        if mono - self.ingest.stats.last_progress > PROGRESS_STALE_S:
+            return False
+        if self.delivery is not None and mono - self.delivery.last_progress() > PROGRESS_STALE_S:
+            return False
+        return self.link.thread_alive() or self.link.state is LinkState.STOPPED
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal_received signal=%s", signal.Signals(signum).name)
+        self.stopping.set()
+
+    def _start_thread(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.link.start()
+        self._start_thread("ingest", self.ingest.run)
+        if self.delivery is not None:
+            self._start_thread("delivery", self.delivery.run)
+        log.info("agent_started version=%s journal=%s cameras=%d", __version__, self.config.journal_path,
+                 len(self.config.cameras))  # fmt: skip
+        self._heartbeat(force=True)
+        self.notifier.notify("READY=1", f"STATUS=starting, journal {self.config.journal_path}")
+        watchdog = watchdog_interval_s()
+        next_heartbeat = next_publish = 0.0
+        last_marker: tuple[Any, ...] = ()
+        while not self.stopping.wait(min(1.0, watchdog or 1.0)):
+            mono = time.monotonic()
+            if self._healthy():
+                self.notifier.notify("WATCHDOG=1")
+            else:
+                log.error("watchdog_starved ingest_age=%.1f paho_alive=%s",
+                          mono - self.ingest.stats.last_progress, self.link.thread_alive())  # fmt: skip
+            # The heartbeat file is rewritten when the picture changed (a message, a state change) and
+            # at least every HEARTBEAT_EVERY_S: a quiet lane costs one small write per interval.
+            marker = (
+                self.link.state,
+                self.link.last_message_at,
+                self.ingest.stats.batches,
+                self.ingest.stats.journal_error,
+                self.delivery.runtime_status() if self.delivery else None,
+            )
+            if mono >= next_heartbeat or marker != last_marker:
+                last_marker = marker
+                status = self._heartbeat()
+                next_heartbeat = mono + HEARTBEAT_EVERY_S
+                if status["state"] != self._last_state or mono >= next_publish:
+                    self.link.publish_status(json.dumps(status, ensure_ascii=False).encode())
+                    self.notifier.notify(f"STATUS={status['state']}: {'; '.join(status['problems']) or 'all good'}")
+                    next_publish = mono + STATUS_PUBLISH_EVERY_S
+                    self._last_state = status["state"]
+        return self.shutdown()
+
+    def _heartbeat(self, force: bool = False) -> dict[str, Any]:
+        runtime = self.runtime()
+        try:
+            write_heartbeat(self.config.state_dir, runtime)
+        except OSError as exc:
+            log.warning("heartbeat_write_failed error=%s", exc)
+        now = time.time()
+        try:
+            queue_view = self.journal_reader.queue_summary(now)
+            cameras = self.journal_reader.camera_summary(now)
+            error = None
+        except JournalError as exc:
+            queue_view, cameras, error = None, {}, str(exc)
+        status = build_status(self.config, runtime, True, queue_view, cameras, error, now)
+        status["client_id"] = self.config.mqtt.client_id
+        return status
+
+    @property
+    def journal_reader(self) -> Journal:
+        reader = getattr(self, "_reader", None)
+        if reader is None:
+            reader = Journal(self.config.journal_path, readonly=True)
+            self._reader = reader
+        return reader
+
+    def shutdown(self) -> int:
+        self.notifier.notify("STOPPING=1", "STATUS=stopping")
+        log.info("agent_stopping")
+        self.ingest.stop()
+        if self.delivery is not None:
+            self.delivery.stop()
+        for thread in self._threads:
+            thread.join(timeout=30)
+            if thread.is_alive():
+                log.error("thread_did_not_stop name=%s", thread.name)
+        self.link.stop(final_status=offline_status(self.config, "stopped"))
+        with contextlib.suppress(OSError):
+            (self.config.state_dir / "daemon.json").unlink(missing_ok=True)
+        self.journal.close()
+        log.info("agent_stopped")
+        return 0
+
+
+def run(config: Config, make_delivery: Any = None) -> int:
+    """Start the agent and block until it is told to stop; returns the process exit code."""
+    try:
+        daemon = Daemon(config, make_delivery=make_delivery)
+    except JournalError as exc:
+        log.error("journal_open_failed error=%s", exc)
+        return 2
+    return daemon.run()

@@ -1,0 +1,139 @@
+"""Value types shared by the pure core: enums of the WeChat Pay API and our own reads and entries.
+
+Nothing here does I/O. Decoders produce `PlateRead`s, the pipeline turns one into an `Entry` or a
+`Rejection`, and the journal stores those.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class PlateColor(enum.StrEnum):
+    """`plate_color` of the entry API (wechatpay-api.md §1.2)."""
+
+    UNKNOWN = "PLATE_COLOR_UNKNOWN"
+    BLUE = "PLATE_COLOR_BLUE"
+    YELLOW = "PLATE_COLOR_YELLOW"
+    BLACK = "PLATE_COLOR_BLACK"
+    WHITE = "PLATE_COLOR_WHITE"
+    GREEN = "PLATE_COLOR_GREEN"
+    YELLOW_GREEN = "PLATE_COLOR_YELLOW_GREEN"
+    AGRICULTURAL_YELLOW = "PLATE_COLOR_AGRICULTURAL_YELLOW"
+    OTHER = "PLATE_COLOR_OTHER"
+
+
+class VehicleType(enum.StrEnum):
+    """`vehicle_type` of the entry API."""
+
+    UNKNOWN = "VEHICLE_TYPE_UNKNOWN"
+    SMALL = "VEHICLE_TYPE_SMALL"
+    LARGE = "VEHICLE_TYPE_LARGE"
+    EXTRA_LARGE = "VEHICLE_TYPE_EXTRA_LARGE"
+    ALL_TYPE = "VEHICLE_TYPE_ALL_TYPE"
+
+
+class CarType(enum.StrEnum):
+    """`car_type` (车辆性质) of the entry API."""
+
+    UNKNOWN = "PLATE_TYPE_UNKNOWN"
+    TEMPORARY = "PLATE_TYPE_TEMPORARY"
+    MONTHLY = "PLATE_TYPE_MONTHLY"
+    FREE = "PLATE_TYPE_FREE"
+    PREPAID = "PLATE_TYPE_PREPAID"
+    OTHERS = "PLATE_TYPE_OTHERS"
+
+
+class EntryState(enum.StrEnum):
+    """Journal row states (SPEC §6). `rejected` rows were never entries."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+    REJECTED = "rejected"
+
+
+class TimeSource(enum.StrEnum):
+    """Where an entry's `enter_timestamp` came from."""
+
+    CAMERA = "camera"
+    AGENT = "agent"
+
+
+class Reason(enum.StrEnum):
+    """Why a read did not become an entry. Stable names: they appear in `events` and in tests."""
+
+    TOO_LARGE = "payload_too_large"
+    NOT_UTF8 = "not_utf8"
+    MALFORMED = "malformed_payload"
+    BAD_FIELD = "bad_field"
+    NO_PLATE = "no_plate"
+    INVALID_PLATE = "invalid_plate"
+    LOW_CONFIDENCE = "low_confidence"
+    UNKNOWN_CAMERA = "unknown_camera"
+    UNMAPPED_LANE = "unmapped_lane"
+    TIME_IN_FUTURE = "time_in_future"
+    REPEAT = "repeat"
+
+
+@dataclass(frozen=True, slots=True)
+class PlateRead:
+    """One plate read as a decoder understood it, before routing and screening.
+
+    `plate` is the camera's text (not yet normalised); `None` or "" means the camera saw no plate.
+    `captured_at` is Unix seconds (UTC) from the camera's clock, `None` when it gave none.
+    `confidence` is already normalised to 0..1. `record_id` is the vendor's id of this record,
+    which makes redeliveries and offline re-sends idempotent. `is_replay` marks offline re-sends.
+    """
+
+    plate: str | None
+    color: PlateColor | None = None
+    vehicle_type: VehicleType | None = None
+    captured_at: float | None = None
+    lane: str | None = None
+    confidence: float | None = None
+    record_id: str | None = None
+    is_replay: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """A message that is not a plate read at all (heartbeat, lane event): acknowledged, not kept."""
+
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A vehicle entry ready to be journaled; `out_serial_number` is minted by the journal."""
+
+    camera: str
+    lane: str | None
+    dedup_key: str
+    plate_number: str
+    plate_color: PlateColor
+    vehicle_type: VehicleType
+    car_type: CarType
+    enter_timestamp: int
+    time_source: TimeSource
+    clock_synced: bool
+    entrance_number: str
+    entrance_name: str
+    parking_id: str
+    discount_template_id: tuple[int, ...] = ()
+    confidence: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A read that did not become an entry, kept with its reason for inspection (SPEC §6)."""
+
+    camera: str | None
+    lane: str | None
+    dedup_key: str
+    reason: Reason
+    detail: str
+    plate_number: str | None = None
+    repeat_of: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)

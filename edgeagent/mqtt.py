@@ -1,0 +1,228 @@
+"""The MQTT adapter: paho-mqtt 2.x with manual acknowledgement and a persistent session.
+
+Facts this rests on (reliability.md §3): an exception in a paho callback kills the network thread
+while `is_connected()` stays True, so callbacks here only convert and enqueue and never raise;
+MQTT 3.1.1 `clean_session=False` with a fixed client id keeps our session (v5 without a session
+expiry does not); with `manual_ack=True` nothing is PUBACKed until `ack()`, which the ingest
+thread calls only after the journal committed. A message id from an earlier connection is never
+acked on a later one (the broker may have reused it): the broker redelivers instead, and the
+journal's unique keys absorb the repeat.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgeagent.config import CameraConfig, MqttConfig
+
+log = logging.getLogger(__name__)
+
+
+class LinkState(enum.StrEnum):
+    """Connection state, owned by this adapter (written only from paho's thread and `stop`)."""
+
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """An inbound message as the ingest thread sees it."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int
+    received_at: float
+    dup: bool
+    retain: bool
+
+
+class MqttLink:
+    """Subscribes to every camera topic at QoS 1 and hands messages to `inbox`; acks on request."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        cameras: tuple[CameraConfig, ...],
+        inbox: queue.Queue[Message],
+        *,
+        will_payload: bytes | None = None,
+    ) -> None:
+        self._config = config
+        self._topics = sorted({c.topic for c in cameras})
+        self._inbox = inbox
+        self._lock = threading.Lock()
+        self._state = LinkState.DISCONNECTED
+        self._generation = 0
+        self.connects = 0
+        self.session_lost = 0
+        self.last_message_at: float | None = None
+        self.last_error: str | None = None
+        self.callback_errors = 0
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            clean_session=False,
+            protocol=paho.MQTTv311,
+            manual_ack=True,
+        )
+        client.enable_logger(logging.getLogger("edgeagent.paho"))
+        # A message that cannot even be handed over is logged and counted, never allowed to kill the
+        # network thread (reliability.md §3.2); our callbacks already catch everything.
+        client.suppress_exceptions = True
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.max_inflight_messages_set(50)  # outgoing (status) only
+        if config.username:
+            password = None
+            if config.password_file is not None:
+                password = config.password_file.read_text(encoding="utf-8").strip()
+            client.username_pw_set(config.username, password)
+        if config.tls:
+            client.tls_set(
+                ca_certs=str(config.ca_file) if config.ca_file else None,
+                certfile=str(config.cert_file) if config.cert_file else None,
+                keyfile=str(config.key_file) if config.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        if will_payload is not None:
+            client.will_set(config.status_topic, will_payload, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        self._client = client
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> LinkState:
+        with self._lock:
+            return self._state
+
+    @property
+    def generation(self) -> int:
+        with self._lock:
+            return self._generation
+
+    def thread_alive(self) -> bool:
+        """Whether paho's network thread still runs (a dead one means no intake at all)."""
+        thread = getattr(self._client, "_thread", None)
+        return isinstance(thread, threading.Thread) and thread.is_alive()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; paho reconnects by itself with capped backoff."""
+        with self._lock:
+            self._state = LinkState.CONNECTING
+        self._client.connect_async(self._config.host, self._config.port, keepalive=self._config.keepalive_s)
+        self._client.loop_start()
+
+    def stop(self, final_status: bytes | None = None) -> None:
+        """Publish a last status (retained) if given, disconnect cleanly, stop the network thread."""
+        if final_status is not None and self.state is LinkState.CONNECTED:
+            info = self._client.publish(self._config.status_topic, final_status, qos=1, retain=True)
+            deadline = time.monotonic() + 2
+            while not info.is_published() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        with self._lock:
+            self._state = LinkState.STOPPED
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- acks and publishing ---------------------------------------------------------------------
+
+    def ack(self, message: Message) -> bool:
+        """PUBACK `message` if it came on the current connection; False when it must be left to redelivery."""
+        if message.qos == 0:
+            return True
+        with self._lock:
+            current = self._state is LinkState.CONNECTED and message.generation == self._generation
+        if not current:
+            return False
+        return self._client.ack(message.mid, message.qos) == paho.MQTT_ERR_SUCCESS
+
+    def publish_status(self, payload: bytes) -> None:
+        """Publish the retained status object (SPEC §7); silently skipped while disconnected."""
+        if self.state is LinkState.CONNECTED:
+            self._client.publish(self._config.status_topic, payload, qos=1, retain=True)
+
+    # -- paho callbacks: convert, hand over, never raise -----------------------------------------
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags, reason: ReasonCode, props: Any
+    ) -> None:
+        try:
+            if reason.is_failure:
+                with self._lock:
+                    self._state = LinkState.DISCONNECTED
+                self.last_error = f"broker refused connection: {reason}"
+                log.warning("mqtt_connect_refused host=%s reason=%s", self._config.host, reason)
+                return
+            with self._lock:
+                self._generation += 1
+                self._state = LinkState.CONNECTED
+            self.connects += 1
+            self.last_error = None
+            if not flags.session_present and self.connects > 1:
+                self.session_lost += 1
+            log.info(
+                "mqtt_connected host=%s port=%d session_present=%s topics=%d",
+                self._config.host, self._config.port, flags.session_present, len(self._topics),
+            )  # fmt: skip
+            client.subscribe([(topic, 1) for topic in self._topics])
+        except Exception:
+            self.callback_errors += 1
+            log.exception("mqtt_callback_error callback=on_connect")
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Any
+    ) -> None:
+        try:
+            for topic, code in zip(self._topics, reasons, strict=False):
+                if code.is_failure:
+                    self.last_error = f"broker refused subscription to {topic!r}: {code}"
+                    log.error("mqtt_subscribe_refused topic=%s reason=%s", topic, code)
+        except Exception:
+            self.callback_errors += 1
+            log.exception("mqtt_callback_error callback=on_subscribe")
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        try:
+            with self._lock:
+                if self._state is not LinkState.STOPPED:
+                    self._state = LinkState.DISCONNECTED
+            if reason.is_failure:
+                self.last_error = f"connection lost: {reason}"
+                log.warning("mqtt_disconnected reason=%s", reason)
+        except Exception:
+            self.callback_errors += 1
+            log.exception("mqtt_callback_error callback=on_disconnect")
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            now = time.time()
+            self.last_message_at = now
+            self._inbox.put_nowait(
+                Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self.generation, now, bool(msg.dup),
+                        bool(msg.retain))
+            )  # fmt: skip
+        except Exception:
+            # Not acked, so the broker keeps it and redelivers after a reconnect.
+            self.callback_errors += 1
+            log.exception("mqtt_callback_error callback=on_message")

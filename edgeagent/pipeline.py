@@ -1,0 +1,99 @@
+"""One inbound message, start to finish before the journal: size cap → decode → route → screen.
+
+The result is an `Entry`, a `Rejection` (kept for inspection) or `Ignored` (heartbeats and other
+messages that are not plate reads), plus what the journal keeps about the message itself.
+No I/O here: time and clock state are passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from edgeagent import decoders
+from edgeagent.config import Config
+from edgeagent.errors import DecodeError
+from edgeagent.journal import REJECTED_PAYLOAD_CAP, Inbound
+from edgeagent.model import Entry, Ignored, PlateRead, Reason, Rejection
+from edgeagent.routing import Router
+from edgeagent.screening import CarTypeLists, screen
+
+# Inline images (base64 runs) are never stored, not even in a rejected row's excerpt.
+_LONG_BASE64 = re.compile(rb"[A-Za-z0-9+/=\\]{256,}")
+
+
+def redact(payload: bytes) -> bytes:
+    """A capped excerpt of `payload` for inspection, with long base64 runs replaced by their length."""
+    head = payload[: 64 * 1024]
+    head = _LONG_BASE64.sub(lambda m: b"<%d bytes of base64 omitted>" % len(m.group(0)), head)
+    return head[:REJECTED_PAYLOAD_CAP]
+
+
+def dedup_key(camera: str, read: PlateRead | None, digest: str) -> str:
+    """The journal's redelivery key: vendor record id, else plate + capture time, else payload digest."""
+    if read is not None and read.record_id:
+        return f"{camera}|id|{read.record_id}"
+    if read is not None and read.captured_at is not None and read.plate:
+        return f"{camera}|t|{read.plate}|{read.captured_at:.3f}"
+    return f"{camera}|sha|{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class Processed:
+    outcome: Entry | Rejection | Ignored
+    inbound: Inbound
+
+
+class Pipeline:
+    """Turns (topic, payload) into an outcome for the journal, using the compiled config."""
+
+    def __init__(self, config: Config, router: Router, car_types: CarTypeLists) -> None:
+        self.config = config
+        self.router = router
+        self.car_types = car_types
+
+    def process(self, topic: str, payload: bytes, *, received_at: float, now: float, clock_synced: bool) -> Processed:
+        digest = hashlib.sha256(payload).hexdigest()
+        inbound = Inbound(topic, received_at, digest, len(payload), redact(payload))
+
+        def reject(camera: str | None, reason: Reason, detail: str, lane: str | None = None) -> Processed:
+            key = f"{camera}|rej|{digest}"
+            return Processed(Rejection(camera, lane, key, reason, detail), inbound)
+
+        camera = self.router.camera_for(topic)
+        if camera is None:
+            return reject(None, Reason.UNKNOWN_CAMERA, f"no [[cameras]] topic matches {topic!r}")
+        cap = self.config.mqtt.max_payload_bytes
+        if len(payload) > cap:
+            return reject(camera.id, Reason.TOO_LARGE, f"{len(payload)} bytes > max_payload_bytes {cap}; not parsed")
+        try:
+            read = decoders.decode(camera.format, topic, payload)
+        except DecodeError as exc:
+            return reject(camera.id, exc.reason, str(exc))
+        if isinstance(read, Ignored):
+            return Processed(read, inbound)
+        entrance = self.router.entrance_for(camera.id, read.lane)
+        if entrance is None:
+            lane = f"lane {read.lane!r}" if read.lane is not None else "no lane"
+            return reject(
+                camera.id, Reason.UNMAPPED_LANE, f"camera {camera.id!r} {lane} maps to no [[entrances]]", read.lane
+            )
+        key = dedup_key(camera.id, read, digest)
+        screened = screen(
+            read,
+            camera=camera,
+            entrance=entrance,
+            parking=self.config.parking,
+            dedup_key=key,
+            now=now,
+            clock_synced=clock_synced,
+            car_type_of=self.car_types,
+        )
+        if screened.entry is not None:
+            return Processed(screened.entry, inbound)
+        assert screened.reason is not None
+        rejection = Rejection(
+            camera.id, read.lane, f"{camera.id}|rej|{digest}", screened.reason, screened.detail, screened.plate
+        )
+        return Processed(rejection, inbound)

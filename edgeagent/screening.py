@@ -1,0 +1,143 @@
+"""Screening: turn a decoded, routed plate read into an `Entry`, or say why not (SPEC §4).
+
+`screen` is pure: the time, the clock's state and the car-type lookup are passed in. The repeat
+window needs the journal, so it is applied there, inside the transaction that records the entry.
+`CarTypeLists` is the one piece with I/O: it re-reads its plate-list files when they change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeagent import plates
+from edgeagent.config import CameraConfig, EntranceConfig, ParkingConfig
+from edgeagent.model import CarType, Entry, PlateColor, PlateRead, Reason, TimeSource, VehicleType
+
+log = logging.getLogger(__name__)
+
+# SPEC §3 timestamp_source "auto": camera time unless it disagrees with the agent's by more than this.
+CAMERA_TIME_TOLERANCE_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Screened:
+    """Outcome of `screen`: an entry, or the reason and detail of a rejection (and the plate, if any)."""
+
+    entry: Entry | None
+    reason: Reason | None = None
+    detail: str = ""
+    plate: str | None = None
+
+
+def entry_time(read: PlateRead, parking: ParkingConfig, now: float, clock_synced: bool) -> tuple[int, TimeSource] | str:
+    """`enter_timestamp` and its source per `timestamp_source`, or a detail string for a future time."""
+    camera_time = read.captured_at
+    if parking.timestamp_source == "agent" or camera_time is None:
+        return int(now), TimeSource.AGENT
+    # A camera time far ahead of a synchronised agent clock is a broken camera clock or a bad field:
+    # no car enters in the future. An unsynchronised agent clock (no RTC after a power cut) is the
+    # less trustworthy of the two, so then the camera's time stands.
+    if clock_synced and camera_time > now + CAMERA_TIME_TOLERANCE_S:
+        return f"camera time {int(camera_time)} is {int(camera_time - now)} s ahead of the agent's clock"
+    if parking.timestamp_source == "camera" or not clock_synced:
+        return int(camera_time), TimeSource.CAMERA
+    # auto: offline re-sends carry the real entry time, however old (anpr-formats.md §13.5).
+    if read.is_replay or abs(camera_time - now) <= CAMERA_TIME_TOLERANCE_S:
+        return int(camera_time), TimeSource.CAMERA
+    return int(now), TimeSource.AGENT
+
+
+def screen(
+    read: PlateRead,
+    *,
+    camera: CameraConfig,
+    entrance: EntranceConfig,
+    parking: ParkingConfig,
+    dedup_key: str,
+    now: float,
+    clock_synced: bool,
+    car_type_of: Callable[[str], CarType],
+) -> Screened:
+    """Apply SPEC §4's rules to one read: plate validity, confidence, time, colour, types."""
+    plate = plates.normalise(read.plate or "")
+    kind = plates.classify(plate)
+    if kind is plates.PlateClass.NO_PLATE:
+        return Screened(None, Reason.NO_PLATE, "the camera read no plate")
+    if kind is plates.PlateClass.INVALID:
+        return Screened(None, Reason.INVALID_PLATE, f"{plate[:40]!r} is not a mainland plate", plate[:40])
+    threshold = camera.min_confidence if camera.min_confidence is not None else parking.min_confidence
+    if read.confidence is not None and read.confidence < threshold:
+        return Screened(None, Reason.LOW_CONFIDENCE, f"confidence {read.confidence:.2f} < {threshold:.2f}", plate)
+    when = entry_time(read, parking, now, clock_synced)
+    if isinstance(when, str):
+        return Screened(None, Reason.TIME_IN_FUTURE, when, plate)
+    enter_timestamp, time_source = when
+    color = read.color if read.color not in (None, PlateColor.UNKNOWN) else plates.color_from_plate(plate)
+    vehicle_type = (
+        entrance.vehicle_type
+        or (read.vehicle_type if read.vehicle_type not in (None, VehicleType.UNKNOWN) else None)
+        or plates.vehicle_type_from_color(color)
+        or VehicleType.UNKNOWN
+    )
+    entry = Entry(
+        camera=camera.id,
+        lane=read.lane,
+        dedup_key=dedup_key,
+        plate_number=plate,
+        plate_color=color or PlateColor.UNKNOWN,
+        vehicle_type=vehicle_type,
+        car_type=car_type_of(plate),
+        enter_timestamp=enter_timestamp,
+        time_source=time_source,
+        clock_synced=clock_synced,
+        entrance_number=entrance.number,
+        entrance_name=entrance.name,
+        parking_id=parking.parking_id,
+        discount_template_id=entrance.discount_template_id,
+        confidence=read.confidence,
+    )
+    return Screened(entry, plate=plate)
+
+
+class CarTypeLists:
+    """`car_type_lists`: plate-list files (one plate per line, `#` comments), re-read when they change.
+
+    A plate in several lists takes the first list in config order. A list that cannot be read keeps
+    its last good contents and the problem is logged once per change.
+    """
+
+    def __init__(self, lists: tuple[tuple[CarType, Path], ...], default: CarType) -> None:
+        self._lists = lists
+        self._default = default
+        self._stamps: dict[Path, tuple[int, int] | None] = {}
+        self._plates: dict[Path, frozenset[str]] = {}
+
+    def refresh(self) -> None:
+        """Re-read any list whose modification time or size changed since the last look."""
+        for _, path in self._lists:
+            try:
+                st = os.stat(path)
+                stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                stamp = None
+            if stamp == self._stamps.get(path, ()):
+                continue
+            self._stamps[path] = stamp
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                log.warning("car_type_list_unreadable path=%s error=%s", path, exc)
+                continue
+            entries = (line.split("#", 1)[0] for line in text.splitlines())
+            self._plates[path] = frozenset(plates.normalise(e) for e in entries if e.strip())
+            log.info("car_type_list_loaded path=%s plates=%d", path, len(self._plates[path]))
+
+    def __call__(self, plate: str) -> CarType:
+        for car_type, path in self._lists:
+            if plate in self._plates.get(path, frozenset()):
+                return car_type
+        return self._default
