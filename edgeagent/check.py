@@ -34,15 +34,21 @@ def check_keys(config: Config) -> bool:
         bits = key.key_size
         ok &= _line(bits >= 2048, f"merchant private key: RSA {bits} bits", "WeChat Pay expects RSA 2048")
     except (OSError, KeyFileError) as exc:
-        ok &= _line(False, f"merchant private key {wx.merchant_private_key}: {exc}",
-                    "apiclient_key.pem from the merchant platform, PKCS#8 or PKCS#1 PEM")  # fmt: skip
+        ok &= _line(
+            False,
+            f"merchant private key {wx.merchant_private_key}: {exc}",
+            "apiclient_key.pem from the merchant platform, PKCS#8 or PKCS#1 PEM",
+        )
     if wx.platform_public_key is not None:
         try:
             wechatpay.load_public_key(wx.platform_public_key.read_bytes())
             ok &= _line(True, f"WeChat Pay public key {wx.platform_public_key_id}")
         except (OSError, KeyFileError) as exc:
-            ok &= _line(False, f"WeChat Pay public key {wx.platform_public_key}: {exc}",
-                        "download it from 商户平台 → API安全 → 微信支付公钥")  # fmt: skip
+            ok &= _line(
+                False,
+                f"WeChat Pay public key {wx.platform_public_key}: {exc}",
+                "download it from 商户平台 → API安全 → 微信支付公钥",
+            )
     if wx.apiv3_key_file is not None:
         try:
             size = len(wx.apiv3_key_file.read_bytes().strip())
@@ -63,9 +69,11 @@ def _probe_broker(config: Config) -> bool:
         password = m.password_file.read_text().strip() if m.password_file else None
         client.username_pw_set(m.username, password)
     if m.tls:
-        client.tls_set(ca_certs=str(m.ca_file) if m.ca_file else None,
-                       certfile=str(m.cert_file) if m.cert_file else None,
-                       keyfile=str(m.key_file) if m.key_file else None)  # fmt: skip
+        client.tls_set(
+            ca_certs=str(m.ca_file) if m.ca_file else None,
+            certfile=str(m.cert_file) if m.cert_file else None,
+            keyfile=str(m.key_file) if m.key_file else None,
+        )
     try:
         client.connect(m.host, m.port, keepalive=10)
     except (OSError, ssl.SSLError) as exc:
@@ -80,8 +88,11 @@ def _probe_broker(config: Config) -> bool:
     deadline = time.monotonic() + 5
     while not client.is_connected() and time.monotonic() < deadline:
         time.sleep(0.05)
-    ok = _line(client.is_connected(), f"MQTT broker {m.host}:{m.port} accepts {m.client_id}-check",
-               "check username/password_file and the broker's ACL")  # fmt: skip
+    ok = _line(
+        client.is_connected(),
+        f"MQTT broker {m.host}:{m.port} accepts {m.client_id}-check",
+        "check username/password_file and the broker's ACL",
+    )
     if ok:
         topics = [c.topic for c in config.cameras]
         client.subscribe([(t, 1) for t in topics])

@@ -39,8 +39,9 @@ class _KeyValueFormatter(logging.Formatter):
     """`level logger event key=value…`; timestamps only when not under journald (it adds its own)."""
 
     def __init__(self, timestamps: bool) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s" if timestamps else
-                         "%(levelname)s %(name)s %(message)s")  # fmt: skip
+        super().__init__(
+            "%(asctime)s %(levelname)s %(name)s %(message)s" if timestamps else "%(levelname)s %(name)s %(message)s"
+        )
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -61,18 +62,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edgeagent import daemon  # noqa: PLC0415 - keep `status` and `events` free of paho/httpx imports
+    # Imported here so that `status` and `events` stay free of paho and httpx imports.
+    from edgeagent import daemon, delivery  # noqa: PLC0415
 
     setup_logging(args.verbose)
     config = _config(args)
-    make_delivery = None
-    try:
-        from edgeagent import delivery  # noqa: PLC0415
-
-        make_delivery = delivery.make
-    except ImportError:
-        pass
-    return daemon.run(config, make_delivery)
+    return daemon.run(config, delivery.make)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -119,8 +114,9 @@ def cmd_events(args: argparse.Namespace) -> int:
         if row["state"] == "rejected":
             what = f"{row['reason']}: {row['detail']}"
         else:
-            what = (f"{row['plate_number']} → {row['entrance_number']} {row['out_serial_number']}"
-                    f" tries={row['attempts']}")  # fmt: skip
+            what = (
+                f"{row['plate_number']} → {row['entrance_number']} {row['out_serial_number']} tries={row['attempts']}"
+            )
             if row["serial_number"]:
                 what += f" wx={row['serial_number']}"
             if row["last_error"] and row["state"] != "sent":
@@ -145,8 +141,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
     finally:
         journal.close()
     missing = sorted(set(args.ids) - set(moved)) if args.ids else []
-    print(f"re-queued {len(moved)} dead entr{'y' if len(moved) == 1 else 'ies'}"
-          + (f": {', '.join(map(str, moved))}" if moved and len(moved) <= 20 else ""))  # fmt: skip
+    print(
+        f"re-queued {len(moved)} dead entr{'y' if len(moved) == 1 else 'ies'}"
+        + (f": {', '.join(map(str, moved))}" if moved and len(moved) <= 20 else "")
+    )
     if missing:
         print(f"not dead (or unknown), left as they are: {', '.join(map(str, missing))}", file=sys.stderr)
         return EXIT_DEGRADED

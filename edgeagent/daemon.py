@@ -118,9 +118,16 @@ class Daemon:
         """The heartbeat: what only the running process knows (the journal holds the rest)."""
         synced, how = self.clock.synchronized()
         offset = self.clock.offset
-        uplink = self.delivery.runtime_status() if self.delivery else {
-            "last_success_at": None, "last_error": None, "base_url_in_use": None, "paused": False,
-        }  # fmt: skip
+        uplink = (
+            self.delivery.runtime_status()
+            if self.delivery
+            else {
+                "last_success_at": None,
+                "last_error": None,
+                "base_url_in_use": None,
+                "paused": False,
+            }
+        )
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -138,13 +145,20 @@ class Daemon:
                 "last_error": self.link.last_error,
             },
             "uplink": uplink,
-            "clock": {"synchronized": synced, "sync_source": how,
-                      "offset_s": None if offset is None else round(offset, 3)},
+            "clock": {
+                "synchronized": synced,
+                "sync_source": how,
+                "offset_s": None if offset is None else round(offset, 3),
+            },
             "journal": {"error": self.ingest.stats.journal_error},
-            "intake": {"entries": self.ingest.stats.entries, "rejected": self.ingest.stats.rejected,
-                       "duplicates": self.ingest.stats.duplicates, "ignored": self.ingest.stats.ignored,
-                       "callback_errors": self.link.callback_errors},
-        }  # fmt: skip
+            "intake": {
+                "entries": self.ingest.stats.entries,
+                "rejected": self.ingest.stats.rejected,
+                "duplicates": self.ingest.stats.duplicates,
+                "ignored": self.ingest.stats.ignored,
+                "callback_errors": self.link.callback_errors,
+            },
+        }
 
     def _healthy(self) -> bool:
         """Liveness for the watchdog: every loop made progress recently and paho's thread is alive."""
@@ -173,8 +187,12 @@ class Daemon:
         self._start_thread("ingest", self.ingest.run)
         if self.delivery is not None:
             self._start_thread("delivery", self.delivery.run)
-        log.info("agent_started version=%s journal=%s cameras=%d", __version__, self.config.journal_path,
-                 len(self.config.cameras))  # fmt: skip
+        log.info(
+            "agent_started version=%s journal=%s cameras=%d",
+            __version__,
+            self.config.journal_path,
+            len(self.config.cameras),
+        )
         self._heartbeat(force=True)
         self.notifier.notify("READY=1", f"STATUS=starting, journal {self.config.journal_path}")
         watchdog = watchdog_interval_s()
@@ -185,8 +203,11 @@ class Daemon:
             if self._healthy():
                 self.notifier.notify("WATCHDOG=1")
             else:
-                log.error("watchdog_starved ingest_age=%.1f paho_alive=%s",
-                          mono - self.ingest.stats.last_progress, self.link.thread_alive())  # fmt: skip
+                log.error(
+                    "watchdog_starved ingest_age=%.1f paho_alive=%s",
+                    mono - self.ingest.stats.last_progress,
+                    self.link.thread_alive(),
+                )
             # The heartbeat file is rewritten when the picture changed (a message, a state change) and
             # at least every HEARTBEAT_EVERY_S: a quiet lane costs one small write per interval.
             marker = (

@@ -135,8 +135,9 @@ class IngestLoop:
                 break
             except JournalError as exc:
                 if self.stats.journal_error != str(exc):
-                    log.error("journal_write_failed error=%s batch=%d (not acknowledging; broker keeps them)",
-                              exc, len(batch))  # fmt: skip
+                    log.error(
+                        "journal_write_failed error=%s batch=%d (not acknowledging; broker keeps them)", exc, len(batch)
+                    )
                 self.stats.journal_error = str(exc)
                 if not retry or self._stop.wait(delay * random.uniform(0.5, 1.0)):
                     return False

@@ -183,8 +183,11 @@ class MqttLink:
                 self.session_lost += 1
             log.info(
                 "mqtt_connected host=%s port=%d session_present=%s topics=%d",
-                self._config.host, self._config.port, flags.session_present, len(self._topics),
-            )  # fmt: skip
+                self._config.host,
+                self._config.port,
+                flags.session_present,
+                len(self._topics),
+            )
             client.subscribe([(topic, 1) for topic in self._topics])
         except Exception:
             self.callback_errors += 1
@@ -219,9 +222,17 @@ class MqttLink:
             now = time.time()
             self.last_message_at = now
             self._inbox.put_nowait(
-                Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self.generation, now, bool(msg.dup),
-                        bool(msg.retain))
-            )  # fmt: skip
+                Message(
+                    msg.topic,
+                    bytes(msg.payload),
+                    msg.mid,
+                    msg.qos,
+                    self.generation,
+                    now,
+                    bool(msg.dup),
+                    bool(msg.retain),
+                )
+            )
         except Exception:
             # Not acked, so the broker keeps it and redelivers after a reconnect.
             self.callback_errors += 1

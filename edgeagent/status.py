@@ -106,15 +106,18 @@ def build(
         "state": state,
         "version": __version__,
         "problems": down + degraded,
-        "daemon": {"running": running, "pid": hb.get("pid") if running else None,
-                   "since": hb.get("since") if running else None},
+        "daemon": {
+            "running": running,
+            "pid": hb.get("pid") if running else None,
+            "since": hb.get("since") if running else None,
+        },
         "mqtt": mqtt,
         "uplink": uplink,
         "clock": clock,
         "queue": q,
         "cameras": camera_list,
         "last_error": (down + degraded + [None])[0] if (down or degraded) else hb.get("last_error"),
-    }  # fmt: skip
+    }
 
 
 def collect(config: Config, now: float | None = None) -> dict[str, Any]:

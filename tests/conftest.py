@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from paho.mqtt.enums import CallbackAPIVersion
 
-MOSQUITTO = os.environ.get("MOSQUITTO", "/usr/sbin/mosquitto")
+from edgeagent.localbroker import LocalBroker
+
 T = TypeVar("T")
 
 
@@ -36,7 +36,7 @@ def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 
         try:
             last = check()
             if last:
-                return last
+                return last  # type: ignore[no-any-return]
         except AssertionError as exc:
             last = exc
         if time.monotonic() > deadline:
@@ -44,53 +44,7 @@ def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 
         time.sleep(interval)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Broker:
-    """A private Mosquitto: persistence on, saved every second, restartable on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {self.dir}/\n"
-            "autosave_interval 1\n"
-            "max_queued_messages 100000\n"
-            "max_inflight_messages 100\n"
-            "user root\n"
-            f"log_dest file {self.dir}/mosquitto.log\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)  # fmt: skip
-
-        def listening() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, "mosquitto exited"
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-        eventually(listening, timeout=10, what="mosquitto to listen")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def restart(self, sig: int = signal.SIGTERM) -> None:
-        self.stop(sig)
-        self.start()
+Broker = LocalBroker
 
 
 @pytest.fixture
@@ -118,14 +72,25 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     merchant = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     platform = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     key_path = directory / "apiclient_key.pem"
-    key_path.write_bytes(merchant.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))  # fmt: skip
+    key_path.write_bytes(
+        merchant.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     key_path.chmod(0o600)
     pub_path = directory / "wechatpay_pub.pem"
-    pub_path.write_bytes(platform.public_key().public_bytes(serialization.Encoding.PEM,
-                                                            serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
-    return Keys(directory, key_path, "5157F09EFDC096DE15EBE81A47057A7232F1B8E1", pub_path,
-                "PUB_KEY_ID_0119000000012024112700000000000042", platform, merchant)  # fmt: skip
+    pub_path.write_bytes(
+        platform.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return Keys(
+        directory,
+        key_path,
+        "5157F09EFDC096DE15EBE81A47057A7232F1B8E1",
+        pub_path,
+        "PUB_KEY_ID_0119000000012024112700000000000042",
+        platform,
+        merchant,
+    )
 
 
 CAMERAS_DEFAULT = (
@@ -191,8 +156,12 @@ class Agent:
         env = {**os.environ, "EDGEAGENT_CLOCK_SYNCED": "1", **self.env}
         self.starts += 1
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "edgeagent", "run", "--config", str(self.config)],
-                                         stdout=out, stderr=out, env=env)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgeagent", "run", "--config", str(self.config)],
+                stdout=out,
+                stderr=out,
+                env=env,
+            )
 
     def kill(self, sig: int = signal.SIGKILL) -> int | None:
         if self.proc is None:
@@ -223,8 +192,13 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[[Path], Agent]]:
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `python -m edgeagent ARGS`, capturing text output."""
-    return subprocess.run([sys.executable, "-m", "edgeagent", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "EDGEAGENT_CLOCK_SYNCED": "1", **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "edgeagent", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "EDGEAGENT_CLOCK_SYNCED": "1", **(env or {})},
+    )
 
 
 def events(config: Path, state: str | None = None, limit: int = 100000) -> list[dict[str, Any]]:
