@@ -407,7 +407,7 @@ def _parse_entrances(root: _Table, camera_ids: set[str]) -> list[EntranceConfig]
         if number in seen_numbers:
             t.problem(t.key("number"), f'duplicate entrance number "{number}" (also {seen_numbers[number]})')
         seen_numbers.setdefault(number, t.path)
-        if not sources and "sources" in t.data:
+        if t.data.get("sources") == []:  # not when it was of the wrong type: that is reported already
             t.problem(t.key("sources"), "must name at least one camera")
         clean_sources: list[str] = []
         for i, source in enumerate(sources):
