@@ -15,9 +15,7 @@ from edgeagent.model import Ignored, PlateColor, PlateRead, VehicleType
 
 E = TypeVar("E", PlateColor, VehicleType)
 
-# SPEC §4's short names, then every PLATE_COLOR_* / VEHICLE_TYPE_* value; looked up in lower case. An
-# explicit "unknown" means the camera gave none, so it decodes to None and the pipeline may still infer
-# the colour from the plate (SPEC §4, plates.color_from_plate).
+# SPEC §4's short names, then every PLATE_COLOR_* / VEHICLE_TYPE_* value; looked up in lower case.
 COLORS: dict[str, PlateColor] = {
     "blue": PlateColor.BLUE,
     "yellow": PlateColor.YELLOW,
@@ -57,7 +55,7 @@ def decode(topic: str, payload: bytes) -> PlateRead | Ignored:
 
 
 def _choice(fields: Fields, key: str, names: dict[str, E]) -> E | None:
-    """Look a name up case-insensitively; absent, "" and *_UNKNOWN give None, anything else is an error."""
+    """Look a name up case-insensitively; absent or "" gives None, a name not in `names` is an error."""
     text = (fields.text(key) or "").strip()
     if not text:
         return None
@@ -66,4 +64,4 @@ def _choice(fields: Fields, key: str, names: dict[str, E]) -> E | None:
         full = ("plate_color_", "vehicle_type_")
         accepted = ", ".join(name.upper() if name.startswith(full) else name for name in names)
         raise bad(key, f"unknown {key} {text!r} (accepted: {accepted})")
-    return None if found.name == "UNKNOWN" else found
+    return found
