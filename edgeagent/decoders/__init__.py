@@ -12,16 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from edgeagent.decoders import generic as generic
+from edgeagent.decoders import frigate, generic, hikvision, qianyi, vzenith
 from edgeagent.model import Ignored, PlateRead
 
 Decoder = Callable[[str, bytes], PlateRead | Ignored]
 
 REGISTRY: dict[str, Decoder] = {
     "generic": generic.decode,
+    "vzenith": vzenith.decode,
+    "qianyi": qianyi.decode,
+    "hikvision": hikvision.decode,
+    "frigate": frigate.decode,
 }
 
-# Every format SPEC §3 names; the ones not yet in REGISTRY are accepted by the config only once built.
+# Every format SPEC §3 names; each has a decoder in REGISTRY.
 KNOWN_FORMATS: tuple[str, ...] = ("generic", "vzenith", "qianyi", "hikvision", "frigate")
 
 
