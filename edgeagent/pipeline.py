@@ -8,6 +8,7 @@ No I/O here: time and clock state are passed in.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from edgeagent.journal import REJECTED_PAYLOAD_CAP, Inbound
 from edgeagent.model import Entry, Ignored, PlateRead, Reason, Rejection
 from edgeagent.routing import Router
 from edgeagent.screening import CarTypeLists, screen
+
+log = logging.getLogger(__name__)
 
 # Inline images (base64 runs) are never stored, not even in a rejected row's excerpt.
 _LONG_BASE64 = re.compile(rb"[A-Za-z0-9+/=\\]{256,}")
@@ -71,6 +74,10 @@ class Pipeline:
             read = decoders.decode(camera.format, topic, payload)
         except DecodeError as exc:
             return reject(camera.id, exc.reason, str(exc))
+        except Exception as exc:  # a decoder bug must not turn one message into a poison pill for intake
+            log.exception("decoder_failed format=%s topic=%s", camera.format, topic)
+            detail = f"{camera.format} decoder failed: {exc.__class__.__name__}: {exc}"
+            return reject(camera.id, Reason.MALFORMED, detail)
         if isinstance(read, Ignored):
             return Processed(read, inbound)
         entrance = self.router.entrance_for(camera.id, read.lane)

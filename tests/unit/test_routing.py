@@ -1,0 +1,117 @@
+"""Routing (SPEC §3): topic → camera by MQTT filter, and (camera, lane) → entrance, compiled at load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgeagent.config import Config, load
+from edgeagent.routing import Router, topic_matches
+from tests.unit.test_config import config_text, key_files
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "topic", "matches"),
+    [
+        ("anpr/south-1/plate", "anpr/south-1/plate", True),
+        ("anpr/south-1/plate", "anpr/south-1/plates", False),
+        ("anpr/south-1/plate", "anpr/south-1", False),
+        ("anpr/south-1/plate", "anpr/south-1/plate/x", False),
+        ("anpr/+/plate", "anpr/south-1/plate", True),
+        ("anpr/+/plate", "anpr//plate", True),  # an empty level is still a level
+        ("anpr/+/plate", "anpr/a/b/plate", False),
+        ("anpr/+", "anpr/south-1/plate", False),
+        ("anpr/#", "anpr/south-1/plate", True),
+        ("anpr/#", "anpr", True),  # "#" also matches the parent level (MQTT 3.1.1 §4.7.1.2)
+        ("#", "anpr/south-1/plate", True),
+        ("+/+/plate", "anpr/x/plate", True),
+        ("#", "$SYS/broker/uptime", False),  # wildcards never match $-topics
+        ("+/broker/uptime", "$SYS/broker/uptime", False),
+        ("$SYS/broker/uptime", "$SYS/broker/uptime", True),
+        ("/ivs/+/result", "/ivs/cam1/result", True),  # Vzenith topics start with "/"
+        ("ivs/+/result", "/ivs/cam1/result", False),
+    ],
+)
+def test_topic_matches(topic_filter: str, topic: str, matches: bool) -> None:
+    assert topic_matches(topic_filter, topic) is matches
+
+
+CAMERAS = """\
+[[cameras]]
+id = "south-1"
+topic = "anpr/south-1/plate"
+
+[[cameras]]
+id = "north"
+topic = "anpr/north/+"
+
+[[cameras]]
+id = "catch-all"
+topic = "anpr/#"
+"""
+ENTRANCES = """\
+[[entrances]]
+number = "A01"
+name = "南门入口"
+sources = ["south-1"]
+
+[[entrances]]
+number = "B01"
+name = "北门小车道"
+sources = ["north:1", "catch-all:9"]
+
+[[entrances]]
+number = "B02"
+name = "北门大车道"
+sources = ["north:2", "south-1:7"]
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    key, pub = key_files(tmp_path / "keys")
+    path = tmp_path / "edgeagent.toml"
+    path.write_text(config_text(key, pub, cameras=CAMERAS, entrances=ENTRANCES), encoding="utf-8")
+    return load(path)
+
+
+def test_first_camera_in_config_order_wins(config: Config) -> None:
+    router = Router.build(config)
+    camera = router.camera_for("anpr/south-1/plate")
+    assert camera is not None and camera.id == "south-1"  # "anpr/#" matches too, but comes later
+    north = router.camera_for("anpr/north/lane2")
+    assert north is not None and north.id == "north"
+    other = router.camera_for("anpr/east/plate")
+    assert other is not None and other.id == "catch-all"
+    assert router.camera_for("other/south-1/plate") is None
+
+
+def test_whole_camera_source_covers_every_lane(config: Config) -> None:
+    router = Router.build(config)
+    for lane in (None, "1", "2", "99"):
+        entrance = router.entrance_for("south-1", lane)
+        assert entrance is not None and entrance.number == "A01", lane
+
+
+def test_lane_source_wins_over_whole_camera(config: Config) -> None:
+    entrance = Router.build(config).entrance_for("south-1", "7")
+    assert entrance is not None and entrance.number == "B02"
+
+
+def test_lane_sources_only_route_their_own_lanes(config: Config) -> None:
+    router = Router.build(config)
+    one, two = router.entrance_for("north", "1"), router.entrance_for("north", "2")
+    assert one is not None and one.number == "B01"
+    assert two is not None and two.number == "B02"
+    assert router.entrance_for("north", "3") is None  # an unknown lane maps nowhere: rejected, not guessed
+    assert router.entrance_for("north", None) is None  # no lane given, and no whole-camera source
+    assert router.entrance_for("catch-all", "1") is None
+    nine = router.entrance_for("catch-all", "9")
+    assert nine is not None and nine.number == "B01"
+
+
+def test_lanes_are_compared_as_text(config: Config) -> None:
+    router = Router.build(config)
+    assert router.entrance_for("north", "01") is None  # decoders turn lane 1 into "1"; "01" is another lane
+    assert router.entrance_for("unknown-camera", "1") is None
