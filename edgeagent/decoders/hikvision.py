@@ -26,16 +26,18 @@ COLORS: dict[str, PlateColor] = {
     "yellow": PlateColor.YELLOW,
     "white": PlateColor.WHITE,
     "black": PlateColor.BLACK,
-    "civilaviationblack": PlateColor.BLACK,
+    "civilAviationBlack": PlateColor.BLACK,
     "green": PlateColor.GREEN,
-    "newenergygreen": PlateColor.GREEN,
-    "civilaviationgreen": PlateColor.GREEN,
-    "newenergyyellowgreen": PlateColor.YELLOW_GREEN,
+    "newEnergyGreen": PlateColor.GREEN,
+    "civilAviationGreen": PlateColor.GREEN,
+    "newEnergyYellowGreen": PlateColor.YELLOW_GREEN,
     "unknown": PlateColor.UNKNOWN,
-    **dict.fromkeys(("other", "0xff", "golden", "orange", "red", "mixedcolor", "brown"), PlateColor.OTHER),
+    **dict.fromkeys(("other", "0xff", "golden", "orange", "red", "mixedColor", "brown"), PlateColor.OTHER),
 }
+_COLORS_BY_LOWER = {name.lower(): color for name, color in COLORS.items()}
 # Yellow farm-vehicle plate types are agricultural yellow (`plateType`, §4.2).
-FARM_PLATE_TYPES = frozenset({"yellow1225farmvehicle", "yellow1325farmvehicle", "92farmvehicle"})
+FARM_PLATE_TYPES = ("yellow1225FarmVehicle", "yellow1325FarmVehicle", "92FarmVehicle")
+_FARM_BY_LOWER = frozenset(name.lower() for name in FARM_PLATE_TYPES)
 # The colour character Chinese plates carry in `licensePlate` ("蓝浙AX2P12", §4.2), longest first.
 PREFIX_COLORS: dict[str, PlateColor] = {
     "黄绿": PlateColor.YELLOW_GREEN,
@@ -115,9 +117,9 @@ def _color(anpr: Fields) -> PlateColor | None:
     name = (anpr.text("plateColor") or "").strip().lower()
     if not name:
         return None
-    color = COLORS.get(name, PlateColor.UNKNOWN)
+    color = _COLORS_BY_LOWER.get(name, PlateColor.UNKNOWN)
     plate_type = (anpr.text("plateType") or "").strip().lower()
-    return PlateColor.AGRICULTURAL_YELLOW if color is PlateColor.YELLOW and plate_type in FARM_PLATE_TYPES else color
+    return PlateColor.AGRICULTURAL_YELLOW if color is PlateColor.YELLOW and plate_type in _FARM_BY_LOWER else color
 
 
 def _vehicle_type(alert: Fields, anpr: Fields) -> VehicleType | None:

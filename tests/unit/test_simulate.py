@@ -1,0 +1,138 @@
+"""`simulate.render` round trips: what it publishes decodes back to the read it was asked for.
+
+Each format gives back every field it can carry; what it cannot (Vzenith and Qianyi have no lane,
+Frigate no colour) comes back empty, and a colour a format has no code for is refused up front.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgeagent import simulate
+from edgeagent.decoders import KNOWN_FORMATS, decode
+from edgeagent.model import Ignored, PlateColor, PlateRead
+from edgeagent.routing import topic_matches
+
+FILTERS = {
+    "generic": "anpr/+/plate",
+    "vzenith": "device/+/message/up/ivs_result",
+    "qianyi": "aiot/plate/+",
+    "hikvision": "hikbridge/#",
+    "frigate": "frigate/#",
+}
+CARRIES_LANE = {"generic", "hikvision", "frigate"}
+CARRIES_COLOR = {"generic", "vzenith", "qianyi", "hikvision"}
+# Vzenith's colorType table (anpr-formats.md §2.6) has no "other" code.
+UNSUPPORTED = {("vzenith", PlateColor.OTHER)}
+WHEN = 1720078200.123456
+
+
+def _round_trip(fmt: str, **read: object) -> tuple[str, bytes, PlateRead | Ignored]:
+    args = {"plate": "粤B12345", "color": None, "lane": "2", "when": WHEN, "record_id": "90813"} | read
+    topic, payload = simulate.render(fmt, FILTERS[fmt], **args)  # type: ignore[arg-type]
+    return topic, payload, decode(fmt, topic, payload)
+
+
+@pytest.mark.parametrize("color", [None, *PlateColor], ids=str)
+@pytest.mark.parametrize("fmt", KNOWN_FORMATS)
+def test_render_decodes_back_to_the_read(fmt: str, color: PlateColor | None) -> None:
+    if (fmt, color) in UNSUPPORTED:
+        with pytest.raises(ValueError, match="no code"):
+            _round_trip(fmt, color=color)
+        return
+    topic, _, read = _round_trip(fmt, color=color, confidence=0.87)
+    assert topic_matches(FILTERS[fmt], topic)
+    assert "+" not in topic and "#" not in topic
+    assert isinstance(read, PlateRead)
+    assert read.plate == "粤B12345"
+    assert read.color == (color if fmt in CARRIES_COLOR else None)
+    assert read.vehicle_type is None
+    assert read.captured_at == pytest.approx(WHEN, abs=1e-3)  # Qianyi and Hikvision carry milliseconds
+    assert read.lane == ("2" if fmt in CARRIES_LANE else None)
+    assert read.confidence == pytest.approx(0.87)
+    assert read.record_id == "90813"
+    assert read.is_replay is False
+
+
+@pytest.mark.parametrize("fmt", KNOWN_FORMATS)
+def test_text_record_id_and_lane_survive(fmt: str) -> None:
+    _, _, read = _round_trip(fmt, record_id="demo-7", lane="east gate", plate="京AD92035")
+    assert isinstance(read, PlateRead)
+    assert (read.plate, read.record_id) == ("京AD92035", "demo-7")
+    assert read.lane == ("east gate" if fmt in CARRIES_LANE else None)
+
+
+@pytest.mark.parametrize("fmt", sorted(set(KNOWN_FORMATS) - {"frigate"}))
+@pytest.mark.parametrize("plate", ["", "无牌", "_无_"])
+def test_no_plate_read_uses_the_vendor_marker(fmt: str, plate: str) -> None:
+    _, payload, read = _round_trip(fmt, plate=plate, color=PlateColor.BLUE)
+    assert isinstance(read, PlateRead)
+    assert read.plate is None
+    if fmt == "qianyi":
+        assert json.loads(payload)["plate_num"] == "null"
+    if fmt == "hikvision":
+        assert b"<licensePlate>noPlate</licensePlate>" in payload
+
+
+def test_frigate_never_reports_a_no_plate_read() -> None:
+    _, _, read = _round_trip("frigate", plate="无牌")
+    assert isinstance(read, Ignored)
+
+
+def test_hikvision_prefixes_the_colour_character_only_on_chinese_plates() -> None:
+    _, payload, read = _round_trip("hikvision", plate="黑A12345", color=PlateColor.BLUE)
+    assert "<licensePlate>蓝黑A12345</licensePlate>" in payload.decode()
+    assert isinstance(read, PlateRead) and read.plate == "黑A12345"
+    _, payload, read = _round_trip("hikvision", plate="A283KY77", color=PlateColor.BLUE)
+    assert "<licensePlate>A283KY77</licensePlate>" in payload.decode()
+    assert isinstance(read, PlateRead) and read.plate == "A283KY77"
+
+
+def test_vzenith_payload_is_the_base64_mqtt_envelope() -> None:
+    topic, payload, _ = _round_trip("vzenith")
+    envelope = json.loads(payload)
+    assert topic == f"device/{simulate.VZENITH_SERIAL}/message/up/ivs_result"
+    assert envelope["name"] == "ivs_result" and envelope["sn"] == simulate.VZENITH_SERIAL
+    result = envelope["payload"]["AlarmInfoPlate"]["result"]["PlateResult"]
+    assert result["license"] == "57KkQjEyMzQ1"  # base64("粤B12345")
+    assert result["plateid"] == 90813 and result["timeStamp"]["Timeval"]["sec"] == int(WHEN)
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "topic"),
+    [
+        ("device/0f823866-d2dc45ab/message/up/ivs_result", "device/0f823866-d2dc45ab/message/up/ivs_result"),
+        ("+/device/message/up/ivs_result", f"{simulate.VZENITH_SERIAL}/device/message/up/ivs_result"),
+        ("device/+/message/up/+", f"device/{simulate.VZENITH_SERIAL}/message/up/ivs_result"),
+        ("#", "ivs_result"),
+    ],
+)
+def test_vzenith_topics_and_serial(topic_filter: str, topic: str) -> None:
+    got_topic, payload = simulate.render(
+        "vzenith", topic_filter, plate="粤B12345", color=None, lane=None, when=WHEN, record_id="1"
+    )
+    assert got_topic == topic
+    levels = topic.split("/")
+    serial = levels[1] if levels[0] == "device" else levels[0] if len(levels) > 1 else simulate.VZENITH_SERIAL
+    assert json.loads(payload)["sn"] == serial
+    assert isinstance(decode("vzenith", got_topic, payload), PlateRead)
+
+
+def test_unknown_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown format"):
+        simulate.render("hik", "x", plate="粤B12345", color=None, lane=None, when=WHEN, record_id="1")
+
+
+@pytest.mark.parametrize(
+    ("text", "color"),
+    [("blue", PlateColor.BLUE), (" Yellow_Green ", PlateColor.YELLOW_GREEN), ("PLATE_COLOR_BLACK", PlateColor.BLACK)],
+)
+def test_parse_color(text: str, color: PlateColor) -> None:
+    assert simulate.parse_color(text) is color
+
+
+def test_parse_color_lists_the_accepted_names() -> None:
+    with pytest.raises(ValueError, match="accepted: blue, yellow"):
+        simulate.parse_color("pink")
