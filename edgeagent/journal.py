@@ -128,8 +128,9 @@ class Journal:
             if readonly:
                 if not path.exists():
                     raise JournalError(f"journal not found: {path}")
+                # as_uri() percent-encodes "#", "?" and "%", which SQLite would otherwise read as URI syntax.
                 self._db = sqlite3.connect(
-                    f"file:{path}?mode=ro",
+                    f"{path.absolute().as_uri()}?mode=ro",
                     uri=True,
                     timeout=busy_timeout_s,
                     isolation_level=None,
@@ -176,11 +177,13 @@ class Journal:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self._db.execute("COMMIT")
         except BaseException:
+            # Also when COMMIT itself failed (SQLITE_BUSY leaves the transaction open): otherwise every
+            # later BEGIN fails with "cannot start a transaction within a transaction" and intake stalls.
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def serial_for(self, prefix: str, row_id: int) -> str:
         """`out_serial_number` of row `row_id`: prefix + journal epoch + zero-padded id (≤ 28 chars)."""
