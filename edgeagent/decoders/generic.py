@@ -39,7 +39,8 @@ def decode(topic: str, payload: bytes) -> PlateRead | Ignored:
     fields = Fields(load_json_object(payload))
     if "plate" not in fields.data:
         raise bad("plate", "missing (the only required field)")
-    replay = fields.data.get("replay", False)
+    replay = fields.data.get("replay")
+    replay = False if replay is None else replay
     if not isinstance(replay, bool):
         raise bad("replay", f"expected true or false, got {type_name(replay)}")
     return PlateRead(
