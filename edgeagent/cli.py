@@ -153,9 +153,36 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edgeagent import simulate  # noqa: PLC0415
+    from edgeagent.mqtt import publish_once  # noqa: PLC0415
 
     config = _config(args)
-    return simulate.run(config, camera_id=args.camera, plate=args.plate, color=args.color, lane=args.lane)
+    camera = config.camera(args.camera)
+    if camera is None:
+        known = ", ".join(c.id for c in config.cameras)
+        print(f"{config.source}: cameras: no camera with id {args.camera!r} (known: {known})", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        color = simulate.parse_color(args.color) if args.color else None
+    except ValueError as exc:
+        print(f"edgeagent simulate: --color: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    record_id = f"sim-{int(time.time() * 1000)}"
+    topic, payload = simulate.render(
+        camera.format,
+        camera.topic,
+        plate=args.plate,
+        color=color,
+        lane=args.lane,
+        when=time.time(),
+        record_id=record_id,
+    )
+    try:
+        publish_once(config.mqtt, topic, payload, client_id=f"{config.mqtt.client_id}-simulate")
+    except OSError as exc:
+        print(f"edgeagent simulate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"published to {topic} ({camera.format}, {len(payload)} bytes, acknowledged by the broker)")
+    return EXIT_OK
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

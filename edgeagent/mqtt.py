@@ -237,3 +237,34 @@ class MqttLink:
             # Not acked, so the broker keeps it and redelivers after a reconnect.
             self.callback_errors += 1
             log.exception("mqtt_callback_error callback=on_message")
+
+
+def publish_once(config: MqttConfig, topic: str, payload: bytes, *, client_id: str, timeout: float = 10.0) -> None:
+    """Connect with the agent's broker settings, publish one QoS 1 message, wait for its PUBACK.
+
+    Used by `edgeagent simulate` and `check --online`; raises OSError with a readable reason.
+    """
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id)
+    if config.username:
+        password = config.password_file.read_text(encoding="utf-8").strip() if config.password_file else None
+        client.username_pw_set(config.username, password)
+    if config.tls:
+        client.tls_set(
+            ca_certs=str(config.ca_file) if config.ca_file else None,
+            certfile=str(config.cert_file) if config.cert_file else None,
+            keyfile=str(config.key_file) if config.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    try:
+        client.connect(config.host, config.port, keepalive=10)
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(f"cannot connect to MQTT broker {config.host}:{config.port}: {exc}") from exc
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise OSError(f"broker {config.host}:{config.port} did not acknowledge the message within {timeout:g} s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
