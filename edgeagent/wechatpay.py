@@ -263,6 +263,15 @@ def sign(key: RSAPrivateKey, message: bytes) -> str:
     return base64.b64encode(key.sign(message, padding.PKCS1v15(), hashes.SHA256())).decode()
 
 
+def verify_signature(key: RSAPublicKey, message: bytes, signature: str) -> bool:
+    """Whether `signature` (Base64) is `key`'s RSASSA-PKCS1-v1_5 / SHA-256 signature of `message`."""
+    try:
+        key.verify(base64.b64decode(signature, validate=True), message, padding.PKCS1v15(), hashes.SHA256())
+    except (binascii.Error, InvalidSignature):
+        return False
+    return True
+
+
 def authorization(mchid: str, serial_no: str, timestamp: int, nonce: str, signature: str) -> str:
     """The Authorization header value, items in the order of the official example (§2.3, §6.2 V1)."""
     return (
@@ -351,12 +360,9 @@ def verify_response(headers: Mapping[str, str], body: bytes, keys: Mapping[str, 
     skew = int(int(timestamp) - now)  # > 0: the answer is ahead of our clock
     if abs(skew) >= FRESHNESS_S:  # same bound as the official Go and Java SDKs (§3.6)
         raise ResponseUnverified(f"response unverified: Wechatpay-Timestamp {skew:+d} s off")
-    probe = " (WECHATPAY/SIGNTEST/ probe)" if signature.startswith(_PROBE_PREFIX) else ""
-    try:
-        raw = base64.b64decode(signature, validate=True)
-        keys[serial].verify(raw, response_message(timestamp, nonce, body), padding.PKCS1v15(), hashes.SHA256())
-    except (binascii.Error, InvalidSignature):
-        raise ResponseUnverified(f"response unverified: bad signature{probe}") from None
+    if not verify_signature(keys[serial], response_message(timestamp, nonce, body), signature):
+        probe = " (WECHATPAY/SIGNTEST/ probe)" if signature.startswith(_PROBE_PREFIX) else ""
+        raise ResponseUnverified(f"response unverified: bad signature{probe}")
 
 
 def _retry_after(value: str | None, now: float) -> float | None:

@@ -1,0 +1,523 @@
+"""The sandbox over real HTTPS: a real httpx client, our own request_headers, answers judged by classify."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
+
+from edgeagent import wechatpay as wp
+from edgeagent.errors import Blocked, Permanent, ResponseUnverified, Retryable
+from edgeagent.model import CarType, PlateColor, VehicleType
+from edgeagent.sandbox import Sandbox, ensure_materials
+from edgeagent.sandbox.ca import mint_ca
+from tests.conftest import eventually
+
+
+@pytest.fixture(scope="module")
+def sandbox_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("sandbox")
+    ensure_materials(directory)  # keys once per module; every test gets a fresh Sandbox on them
+    return directory
+
+
+@pytest.fixture
+def sandbox(sandbox_dir: Path) -> Iterator[Sandbox]:
+    with Sandbox(sandbox_dir, port=0) as running:
+        yield running
+
+
+@dataclass
+class Merchant:
+    """The agent's side: the merchant key, the platform keys, and a client that trusts the test CA."""
+
+    sandbox: Sandbox
+    client: httpx.Client
+    key: RSAPrivateKey
+    keys: dict[str, RSAPublicKey]
+
+    def entry(self, number: str = "P1G1-000001", **change: Any) -> bytes:
+        req = wp.EntryRequest(
+            out_serial_number=number,
+            parking_id=self.sandbox.materials.parking_id,
+            plate_number="粤B12345",
+            enter_timestamp=int(time.time()),
+            plate_color=PlateColor.BLUE,
+            car_type=CarType.TEMPORARY,
+            vehicle_type=VehicleType.SMALL,
+            entrance_number="A01",
+            entrance_name="南门入口",
+        )
+        return wp.build_entry_body(replace(req, **change))
+
+    def headers(self, body: bytes, **change: Any) -> dict[str, str]:
+        m = self.sandbox.materials
+        args: dict[str, Any] = {
+            "key": self.key,
+            "mchid": m.mchid,
+            "serial_no": m.merchant_serial_no,
+            "body": body,
+            "timestamp": int(time.time()),
+            "nonce": wp.new_nonce(),
+            "wechatpay_serial": m.platform_public_key_id,
+            "user_agent": "edgeagent/test",
+        }
+        return wp.request_headers(**(args | change))
+
+    def post(self, body: bytes, **change: Any) -> httpx.Response:
+        return self.client.post(wp.ENTRY_PATH, content=body, headers=self.headers(body, **change))
+
+    def classify(self, response: httpx.Response, now: float | None = None) -> wp.Accepted:
+        now = time.time() if now is None else now
+        return wp.classify(response.status_code, response.headers, response.content, self.keys, now)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tls_client(base_url: str, ca_file: Path) -> httpx.Client:
+    return httpx.Client(base_url=base_url, verify=ssl.create_default_context(cafile=str(ca_file)), timeout=10)
+
+
+@pytest.fixture
+def merchant(sandbox: Sandbox) -> Iterator[Merchant]:
+    m = sandbox.materials
+    keys = {
+        m.platform_public_key_id: wp.load_public_key(m.platform_public_key_file.read_bytes()),
+        m.platform_cert_serial: wp.load_public_key(m.platform_cert_file.read_bytes()),
+    }
+    key = wp.load_private_key(m.merchant_private_key_file.read_bytes())
+    with tls_client(sandbox.base_url, sandbox.ca_file) as client:
+        yield Merchant(sandbox, client, key, keys)
+
+
+def error(response: httpx.Response) -> tuple[int, str, str]:
+    doc = response.json()
+    return response.status_code, doc["code"], doc["message"]
+
+
+# ---- the happy path and idempotency --------------------------------------------------------------
+
+
+def test_accepted_entry_is_verified_by_classify(merchant: Merchant) -> None:
+    body = merchant.entry()
+    response = merchant.post(body)
+    assert response.status_code == 200
+    accepted = merchant.classify(response)
+    assert accepted.serial_number.startswith("WX")
+    assert accepted.request_id == response.headers["Request-ID"]
+    assert response.headers["Wechatpay-Serial"] == merchant.sandbox.materials.platform_public_key_id
+    date = email.utils.parsedate_to_datetime(response.headers["Date"]).timestamp()
+    assert abs(date - time.time()) < 5
+    [entry] = merchant.sandbox.accepted()
+    assert entry | {"received_at": 0} == json.loads(body) | {
+        "serial_number": accepted.serial_number,
+        "received_at": 0,
+        "request_id": accepted.request_id,
+        "repeats": 0,
+    }
+
+
+def test_same_number_same_body_is_idempotent_and_other_body_is_refused(merchant: Merchant) -> None:
+    body = merchant.entry()
+    first = merchant.classify(merchant.post(body))
+    again = merchant.classify(merchant.post(body))  # a retry: fresh nonce and timestamp, same bytes
+    assert again.serial_number == first.serial_number
+    assert [e["repeats"] for e in merchant.sandbox.accepted()] == [1]
+    other = merchant.post(merchant.entry(plate_number="粤B54321"))
+    assert error(other)[:2] == (400, "PARAM_ERROR")
+    with pytest.raises(Permanent) as caught:
+        merchant.classify(other)
+    assert json.loads(caught.value.detail)["field"] == "out_serial_number"
+    assert len(merchant.sandbox.accepted()) == 1
+
+
+# ---- what the sandbox refuses ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "issue"),
+    [
+        ({"key": rsa.generate_private_key(public_exponent=65537, key_size=2048)}, "does not verify"),
+        ({"mchid": "1900000002"}, "is not this merchant"),
+        ({"serial_no": "5157F09EFDC096DE15EBE81A47057A7232F1B8E1"}, "not the merchant API certificate serial"),
+        ({"timestamp": int(time.time()) * 1000}, "not Unix seconds"),
+    ],
+)
+def test_bad_signatures_get_401(merchant: Merchant, change: dict[str, Any], issue: str) -> None:
+    response = merchant.post(merchant.entry(), **change)
+    status, code, message = error(response)
+    assert (status, code) == (401, "SIGN_ERROR")
+    assert issue in message
+    with pytest.raises(Blocked):
+        merchant.classify(response)
+    assert merchant.sandbox.accepted() == []
+
+
+def test_signature_must_cover_the_exact_bytes(merchant: Merchant) -> None:
+    body = merchant.entry()
+    resent = body.replace(b'"A01"', b'"A02"')  # same length, other bytes than were signed
+    response = merchant.client.post(wp.ENTRY_PATH, content=resent, headers=merchant.headers(body))
+    assert error(response)[:2] == (401, "SIGN_ERROR")
+    detail = response.json()["detail"]
+    assert detail["sign_information"]["url"] == wp.ENTRY_PATH
+    assert detail["location"] == "authorization"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    ["", "Bearer abc", 'WECHATPAY2-SHA256-RSA2048 mchid="1900000001"'],
+)
+def test_malformed_authorization_gets_401(merchant: Merchant, authorization: str) -> None:
+    body = merchant.entry()
+    headers = merchant.headers(body) | {"Authorization": authorization}
+    response = merchant.client.post(wp.ENTRY_PATH, content=body, headers=headers)
+    assert error(response)[:2] == (401, "SIGN_ERROR")
+
+
+@pytest.mark.parametrize("skew", [-300, 300, -86400])
+def test_stale_timestamp_gets_401(merchant: Merchant, skew: int) -> None:
+    response = merchant.post(merchant.entry(), timestamp=int(time.time()) + skew)
+    status, code, message = error(response)
+    assert (status, code) == (401, "SIGN_ERROR")
+    assert "off the server clock" in message
+    inside = 290 if skew > 0 else -290
+    assert merchant.post(merchant.entry(), timestamp=int(time.time()) + inside).status_code == 200
+
+
+def test_reused_nonce_gets_401(merchant: Merchant) -> None:
+    body = merchant.entry()
+    headers = merchant.headers(body)
+    assert merchant.client.post(wp.ENTRY_PATH, content=body, headers=headers).status_code == 200
+    replay = merchant.client.post(wp.ENTRY_PATH, content=body, headers=headers)
+    status, code, message = error(replay)
+    assert (status, code) == (401, "SIGN_ERROR")
+    assert "already used" in message
+
+
+def test_wrong_parking_id_gets_400(merchant: Merchant) -> None:
+    response = merchant.post(merchant.entry(parking_id="WXPARK999"))
+    assert error(response)[:2] == (400, "PARAM_ERROR")
+    assert response.json()["detail"] == {"field": "parking_id", "location": "body", "issue": "unknown parking lot"}
+    with pytest.raises(Permanent, match="PARAM_ERROR"):
+        merchant.classify(response)
+
+
+def test_bad_body_gets_400_naming_the_field(merchant: Merchant) -> None:
+    doc = json.loads(merchant.entry()) | {"sub_mchid": "1900000009"}
+    body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    response = merchant.post(body)
+    assert error(response)[:2] == (400, "PARAM_ERROR")
+    assert response.json()["detail"] == {"field": "sub_mchid", "location": "body", "issue": "unknown field"}
+
+
+def test_missing_user_agent_gets_400(merchant: Merchant) -> None:
+    body = merchant.entry()
+    request = merchant.client.build_request("POST", wp.ENTRY_PATH, content=body, headers=merchant.headers(body))
+    del request.headers["User-Agent"]
+    response = merchant.client.send(request)
+    status, code, message = error(response)
+    assert (status, code) == (400, "INVALID_REQUEST")
+    assert "User-Agent" in message
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "status"),
+    [
+        ("Accept", "text/html", 400),
+        ("Accept", "*/*", 200),
+        ("Accept", "application/json, text/plain", 200),
+        ("Content-Type", "text/plain", 400),
+        ("Content-Type", "application/json; charset=utf-8", 200),
+        ("Wechatpay-Serial", "PUB_KEY_ID_0000000000000000000000000000000000", 400),
+    ],
+)
+def test_request_headers_are_checked(merchant: Merchant, header: str, value: str, status: int) -> None:
+    body = merchant.entry()
+    response = merchant.client.post(wp.ENTRY_PATH, content=body, headers=merchant.headers(body) | {header: value})
+    assert response.status_code == status
+    if status == 400:
+        assert response.json()["code"] == "INVALID_REQUEST"
+
+
+def test_unknown_path_gets_404(merchant: Merchant) -> None:
+    body = merchant.entry()
+    headers = merchant.headers(body, target="/v3/parking/reminders/exit")
+    response = merchant.client.post("/v3/parking/reminders/exit", content=body, headers=headers)
+    assert error(response)[:2] == (404, "NOT_FOUND")
+    with pytest.raises(Blocked):
+        merchant.classify(response)
+
+
+def test_errors_are_signed_too(merchant: Merchant) -> None:
+    response = merchant.post(merchant.entry(parking_id="WXPARK999"))
+    wp.verify_response(response.headers, response.content, merchant.keys, time.time())
+    assert response.headers["Request-ID"]
+    assert response.headers["Date"]
+
+
+# ---- platform-certificate mode -------------------------------------------------------------------
+
+
+def test_certificates_round_trip(merchant: Merchant) -> None:
+    m = merchant.sandbox.materials
+    headers = merchant.headers(b"", method="GET", target="/v3/certificates", wechatpay_serial="")
+    response = merchant.client.get("/v3/certificates", headers=headers)
+    assert response.status_code == 200
+    assert response.headers["Wechatpay-Serial"] == m.platform_cert_serial
+    apiv3 = m.apiv3_key_file.read_bytes().strip()
+    keys = wp.parse_certificates(response.content, apiv3)
+    assert list(keys) == [m.platform_cert_serial]
+    wp.verify_response(response.headers, response.content, keys, time.time())
+    item = response.json()["data"][0]
+    assert item["encrypt_certificate"]["associated_data"] == "certificate"
+    assert item["effective_time"].endswith("+08:00")
+    # an entry that asks for certificate signatures (or names no key) is answered under the certificate
+    answer = merchant.post(merchant.entry(), wechatpay_serial="")
+    assert answer.headers["Wechatpay-Serial"] == m.platform_cert_serial
+    assert wp.classify(answer.status_code, answer.headers, answer.content, keys, time.time())
+
+
+# ---- knobs ---------------------------------------------------------------------------------------
+
+
+def test_latency(merchant: Merchant) -> None:
+    merchant.sandbox.set(latency_s=0.3)
+    started = time.monotonic()
+    assert merchant.post(merchant.entry()).status_code == 200
+    assert time.monotonic() - started >= 0.3
+
+
+def test_fail_status_for_a_count_then_recovers(merchant: Merchant) -> None:
+    merchant.sandbox.set(fail_status=503, fail_count=2, retry_after=7)
+    body = merchant.entry()
+    for _ in range(2):
+        response = merchant.post(body)
+        assert error(response)[:2] == (503, "SERVICE_UNAVAILABLE")
+        with pytest.raises(Retryable) as caught:
+            merchant.classify(response)
+        assert caught.value.retry_after == 7.0
+        assert merchant.sandbox.accepted() == []
+    merchant.classify(merchant.post(body))
+    assert [(r["status"], r["code"], r["out_serial_number"]) for r in merchant.sandbox.requests()] == [
+        (503, "SERVICE_UNAVAILABLE", "P1G1-000001"),
+        (503, "SERVICE_UNAVAILABLE", "P1G1-000001"),
+        (200, "", "P1G1-000001"),
+    ]
+    assert merchant.sandbox.knobs()["fail_status"] == 0
+
+
+def test_fail_status_until_changed(merchant: Merchant) -> None:
+    merchant.sandbox.set(fail_status=500)
+    for _ in range(3):
+        response = merchant.post(merchant.entry())
+        assert error(response)[:2] == (500, "SYSTEM_ERROR")
+        assert "Retry-After" not in response.headers
+    merchant.sandbox.set(fail_status=0)
+    assert merchant.post(merchant.entry()).status_code == 200
+
+
+def test_rate_limited_429(merchant: Merchant) -> None:
+    merchant.sandbox.set(fail_status=429, fail_count=1, retry_after=2)
+    response = merchant.post(merchant.entry())
+    assert error(response)[:2] == (429, "RATELIMIT_EXCEEDED")
+    assert response.headers["Retry-After"] == "2"
+
+
+@pytest.mark.parametrize(
+    ("knob", "match"),
+    [
+        ({"bad_signature": True}, "bad signature"),
+        ({"no_signature": True}, "missing header Wechatpay-Timestamp"),
+        ({"stale_timestamp_s": -600}, "-600 s off"),
+    ],
+)
+def test_spoiled_answers_accept_the_entry_and_stay_idempotent(
+    merchant: Merchant, knob: dict[str, Any], match: str
+) -> None:
+    merchant.sandbox.set(**knob)
+    body = merchant.entry()
+    with pytest.raises(ResponseUnverified, match=match):
+        merchant.classify(merchant.post(body))
+    [entry] = merchant.sandbox.accepted()
+    merchant.sandbox.set(bad_signature=False, no_signature=False, stale_timestamp_s=0)
+    retried = merchant.classify(merchant.post(body))
+    assert retried.serial_number == entry["serial_number"]
+    assert len(merchant.sandbox.accepted()) == 1
+
+
+def test_date_offset_skews_the_sandbox_clock(merchant: Merchant) -> None:
+    merchant.sandbox.set(date_offset_s=1000)
+    body = merchant.entry()
+    refused = merchant.post(body)
+    assert error(refused)[:2] == (401, "SIGN_ERROR")
+    offset = email.utils.parsedate_to_datetime(refused.headers["Date"]).timestamp() - time.time()
+    assert 990 < offset < 1010
+    corrected = int(time.time() + offset)  # what the agent does with the Date header (SPEC §5)
+    accepted = merchant.post(body, timestamp=corrected)
+    assert merchant.classify(accepted, now=time.time() + offset).serial_number.startswith("WX")
+
+
+def test_drop_connection(merchant: Merchant) -> None:
+    merchant.sandbox.set(drop_connection=True, fail_count=1)
+    body = merchant.entry()
+    with pytest.raises(httpx.TransportError):
+        merchant.post(body)
+    assert merchant.sandbox.accepted() == []
+    assert merchant.post(body).status_code == 200
+    assert [r["status"] for r in merchant.sandbox.requests()] == [None, 200]
+
+
+def test_non_json_error(merchant: Merchant) -> None:
+    merchant.sandbox.set(non_json_error=True, fail_count=1)
+    response = merchant.post(merchant.entry())
+    assert response.status_code == 500
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert "Wechatpay-Signature" not in response.headers
+    with pytest.raises(Retryable, match="non-JSON body: <html>"):
+        merchant.classify(response)
+    assert merchant.sandbox.accepted() == []
+
+
+def test_knobs_are_validated(sandbox: Sandbox) -> None:
+    with pytest.raises(ValueError, match="unknown knob"):
+        sandbox.set(fail_statuss=503)
+    with pytest.raises(ValueError, match="fail_status"):
+        sandbox.set(fail_status=999)
+    with pytest.raises(ValueError, match="bad_signature"):
+        sandbox.set(bad_signature="yes")
+    with pytest.raises(ValueError, match="latency_s"):
+        sandbox.set(latency_s=-1)
+    assert sandbox.knobs()["fail_status"] == 0
+
+
+def test_control_endpoints(merchant: Merchant) -> None:
+    client = merchant.client
+    knobs = client.post("/_sandbox/control", json={"fail_status": 502, "fail_count": 1}).json()
+    assert (knobs["fail_status"], knobs["fail_count"]) == (502, 1)
+    assert merchant.post(merchant.entry()).status_code == 502
+    assert merchant.post(merchant.entry()).status_code == 200
+    assert client.get("/_sandbox/accepted").json() == merchant.sandbox.accepted()
+    seen = client.get("/_sandbox/requests").json()
+    assert [r["status"] for r in seen] == [502, 200]  # control calls are not API requests
+    bad = client.post("/_sandbox/control", json={"latency": 1})
+    assert bad.status_code == 400
+    assert "unknown knob" in bad.json()["error"]
+    assert client.get("/_sandbox/nothing").status_code == 404
+
+
+# ---- TLS, materials and the config fragment ------------------------------------------------------
+
+
+def test_wrong_ca_fails_tls_verification(sandbox: Sandbox, tmp_path: Path) -> None:
+    _, other_ca = mint_ca()
+    (tmp_path / "other.pem").write_bytes(other_ca.public_bytes(serialization.Encoding.PEM))
+    with tls_client(sandbox.base_url, tmp_path / "other.pem") as client, pytest.raises(httpx.ConnectError) as caught:
+        client.get("/_sandbox/requests")
+    assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
+    with tls_client(sandbox.base_url.replace("127.0.0.1", "localhost"), sandbox.ca_file) as client:
+        assert client.get("/_sandbox/requests").json() == []
+
+
+def test_config_fragment_and_materials(sandbox: Sandbox, sandbox_dir: Path) -> None:
+    m = sandbox.materials
+    text = m.config_file.read_text()
+    table = tomllib.loads(text)["wechatpay"]
+    assert table == {
+        "mchid": "1900000001",
+        "merchant_serial_no": m.merchant_serial_no,
+        "merchant_private_key": str(m.merchant_private_key_file),
+        "platform_public_key": str(m.platform_public_key_file),
+        "platform_public_key_id": m.platform_public_key_id,
+        "base_url": sandbox.base_url,
+        "ca_file": str(m.ca_file),
+        "timeout_s": 10,
+    }
+    assert f'# apiv3_key_file = "{m.apiv3_key_file}"' in text
+    assert all(Path(table[k]).is_absolute() and Path(table[k]).exists() for k in ("merchant_private_key", "ca_file"))
+    assert len(m.merchant_serial_no) == 40 and m.merchant_serial_no == m.merchant_serial_no.upper()
+    assert m.platform_public_key_id.startswith("PUB_KEY_ID_") and m.platform_public_key_id[11:].isdigit()
+    assert len(m.platform_public_key_id) == 11 + 32
+    assert m.parking_id == "WXPARK001"
+    for secret in (m.merchant_private_key_file, m.platform_private_key_file, m.server_key_file, m.apiv3_key_file):
+        assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600, secret
+    before = {p.name: p.read_bytes() for p in sandbox_dir.iterdir() if p.suffix != ".toml"}
+    assert ensure_materials(sandbox_dir) == m  # a restart reuses everything
+    assert {p.name: p.read_bytes() for p in sandbox_dir.iterdir() if p.suffix != ".toml"} == before
+
+
+def test_materials_repair_what_is_missing(tmp_path: Path) -> None:
+    first = ensure_materials(tmp_path)
+    merchant_key = first.merchant_private_key_file.read_bytes()
+    first.server_cert_file.unlink()
+    first.platform_cert_file.unlink()
+    second = ensure_materials(tmp_path)
+    assert second.merchant_private_key_file.read_bytes() == merchant_key
+    assert second.merchant_serial_no == first.merchant_serial_no
+    assert second.server_cert_file.exists()
+    assert second.platform_cert_serial != first.platform_cert_serial
+    assert json.loads((tmp_path / "materials.json").read_text())["platform_cert_serial"] == second.platform_cert_serial
+
+
+# ---- the CLI command -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serves_until_signalled(sandbox_dir: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    port = free_port()
+    with (tmp_path / "stderr").open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeagent", "sandbox", "--dir", str(sandbox_dir), "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=tmp_path,
+        )
+    try:
+
+        def listening() -> bool:
+            assert proc.poll() is None, "the sandbox exited"
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        eventually(listening, what="the sandbox to listen")
+        materials = ensure_materials(sandbox_dir)
+        key = wp.load_private_key(materials.merchant_private_key_file.read_bytes())
+        with tls_client(f"https://127.0.0.1:{port}", materials.ca_file) as client:
+            agent = Merchant(Sandbox(sandbox_dir), client, key, {})  # that Sandbox only lends its materials
+            response = agent.post(agent.entry())
+        assert response.status_code == 200
+        proc.send_signal(sig)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    proc.stdout.close()
+    assert f"https://127.0.0.1:{port}" in out
+    assert str(materials.config_file) in out
+    log = (tmp_path / "stderr").read_text()
+    assert "method=POST path=/v3/parking/reminders/entry status=200" in log
+    assert "out_serial_number=P1G1-000001" in log
