@@ -238,7 +238,8 @@ class Api:
         elif failure.drop_connection:
             reply = None
         elif failure.non_json_error:
-            reply = Reply(500, {"Content-Type": "text/html", "Date": _http_date(call.clock)}, _HTML_500)
+            headers = {"Content-Type": "text/html", "Request-ID": call.request_id, "Date": _http_date(call.clock)}
+            reply = Reply(500, headers, _HTML_500)  # unsigned, like a gateway's own error page
         else:
             reply = self._injected(call, failure)
         code = "" if reply is None else reply.code
