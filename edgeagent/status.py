@@ -79,6 +79,8 @@ def build(
     elif now - float(hb.get("heartbeat", 0)) > HEARTBEAT_STALE_S:
         down.append(f"daemon not responding (last heartbeat {int(now - float(hb.get('heartbeat', 0)))} s ago)")
     mqtt = dict(hb.get("mqtt") or {"connected": False, "last_message_at": None})
+    if not running:
+        mqtt["connected"] = False  # a dead process's last heartbeat is history, not the link's state
     if running and not mqtt.get("connected") and now - float(hb.get("started", now)) > MQTT_DOWN_GRACE_S:
         down.append(f"MQTT broker not connected: {mqtt.get('last_error') or 'connecting'}")
     journal_state = hb.get("journal") or {}
