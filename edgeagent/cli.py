@@ -54,8 +54,8 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _config(args: argparse.Namespace) -> Config:
-    return load(resolve_path(getattr(args, "config", None)))
+def _config(args: argparse.Namespace, *, check_files: bool = True) -> Config:
+    return load(resolve_path(getattr(args, "config", None)), check_files=check_files)
 
 
 # -- handlers ------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from edgeagent import status  # noqa: PLC0415
 
-    config = _config(args)
+    config = _config(args, check_files=False)
     view = status.collect(config)
     if args.json:
         print(json.dumps(view, ensure_ascii=False, indent=2))
@@ -91,7 +91,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     from edgeagent.journal import Journal  # noqa: PLC0415
 
-    config = _config(args)
+    config = _config(args, check_files=False)
     if not config.journal_path.exists():
         print(f"edgeagent: no journal yet at {config.journal_path} (has `edgeagent run` started?)", file=sys.stderr)
         if args.json:
@@ -131,7 +131,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if not args.dead and not args.ids:
         print("edgeagent retry: give entry ids or --dead", file=sys.stderr)
         return EXIT_USAGE
-    config = _config(args)
+    config = _config(args, check_files=False)
     if not config.journal_path.exists():
         print(f"edgeagent: no journal at {config.journal_path}", file=sys.stderr)
         return EXIT_FAILED
@@ -155,7 +155,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from edgeagent import simulate  # noqa: PLC0415
     from edgeagent.mqtt import publish_once  # noqa: PLC0415
 
-    config = _config(args)
+    config = _config(args, check_files=False)
     camera = config.camera(args.camera)
     if camera is None:
         known = ", ".join(c.id for c in config.cameras)

@@ -118,7 +118,10 @@ T = TypeVar("T")
 class _Table:
     """Reads one TOML table, recording problems with their key path instead of raising."""
 
-    def __init__(self, data: Mapping[str, Any], path: str, problems: list[str], label: str, base: Path):
+    def __init__(
+        self, data: Mapping[str, Any], path: str, problems: list[str], label: str, base: Path, check_files: bool = True
+    ):
+        self.check_files = check_files
         self.data = data
         self.path = path
         self.problems = problems
@@ -158,16 +161,18 @@ class _Table:
         raw = self.get(name, str, default)
         if not raw:
             return None
-        expanded = os.path.expandvars(raw)
-        if "$" in expanded:
-            var = re.search(r"\$\{?(\w+)", expanded)
-            hint = " (systemd sets it for LoadCredential=)" if var and var.group(1) == "CREDENTIALS_DIRECTORY" else ""
-            self.problem(self.key(name), f"environment variable ${var.group(1) if var else '?'} is not set{hint}")
-            return None
-        path = Path(expanded)
+        # An unset or empty variable would silently turn "$CREDENTIALS_DIRECTORY/key.pem" into "/key.pem".
+        for var in re.findall(r"\$\{?(\w+)", raw):
+            if not os.environ.get(var) and not self.check_files:
+                return Path(raw)  # status/events at a shell: systemd's variables are not set there
+            if not os.environ.get(var):
+                hint = " (systemd sets it for LoadCredential=)" if var == "CREDENTIALS_DIRECTORY" else ""
+                self.problem(self.key(name), f"environment variable ${var} is not set{hint}")
+                return None
+        path = Path(os.path.expandvars(raw))
         if not path.is_absolute():
             path = self.base / path
-        if must_exist:
+        if must_exist and self.check_files:
             if not path.exists():
                 self.problem(self.key(name), f"file not found: {path}")
             elif not path.is_file():
@@ -186,7 +191,7 @@ class _Table:
         elif not isinstance(value, dict):
             self.problem(self.key(name), f"expected a table, got {_kind_name(type(value))}")
             value = {}
-        return _Table(value, self.key(name), self.problems, self.label, self.base)
+        return _Table(value, self.key(name), self.problems, self.label, self.base, self.check_files)
 
     def done(self) -> None:
         for name in self.data:
@@ -344,7 +349,10 @@ def _array_of_tables(root: _Table, name: str) -> list[_Table]:
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         root.problem(name, f"expected an array of tables ([[{name}]])")
         return []
-    return [_Table(item, f"{name}[{i}]", root.problems, root.label, root.base) for i, item in enumerate(value)]
+    return [
+        _Table(item, f"{name}[{i}]", root.problems, root.label, root.base, root.check_files)
+        for i, item in enumerate(value)
+    ]
 
 
 def _parse_cameras(root: _Table) -> list[CameraConfig]:
@@ -441,15 +449,19 @@ def _parse_entrances(root: _Table, camera_ids: set[str]) -> list[EntranceConfig]
     return entrances
 
 
-def parse(text: str, source: Path) -> Config:
-    """Parse TOML `text` read from `source` into a `Config`, or raise `ConfigError` with every problem."""
+def parse(text: str, source: Path, *, check_files: bool = True) -> Config:
+    """Parse TOML `text` read from `source` into a `Config`, or raise `ConfigError` with every problem.
+
+    `check_files=False` skips checking that referenced files exist (and that `$VARS` in their paths are
+    set): for `status`, `events` and `retry`, which never open them and run outside the service.
+    """
     label = str(source)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{label}: (syntax): {exc}"]) from exc
     problems: list[str] = []
-    root = _Table(data, "", problems, label, source.parent)
+    root = _Table(data, "", problems, label, source.parent, check_files)
     state_dir = root.get("state_dir", str, "/var/lib/edgeagent", _nonempty)
     serial_prefix = root.get(
         "serial_prefix",
@@ -489,12 +501,12 @@ def resolve_path(cli_value: str | None) -> Path:
     return Path(env) if env else DEFAULT_PATH
 
 
-def load(path: Path) -> Config:
-    """Read and parse the config file at `path`."""
+def load(path: Path, *, check_files: bool = True) -> Config:
+    """Read and parse the config file at `path` (see `parse` for `check_files`)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise ConfigError([f"{path}: (file): not found (use --config PATH or $EDGEAGENT_CONFIG)"]) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: (file): cannot read: {exc}"]) from exc
-    return parse(text, path)
+    return parse(text, path, check_files=check_files)
