@@ -102,6 +102,10 @@ class Clock:
         offset = self.offset
         return time.time() + (offset or 0.0)
 
+    def trusted(self) -> bool:
+        """Whether `now()` can be trusted: the system clock is synchronised or the API's offset is known."""
+        return self.offset is not None or self.synchronized()[0]
+
     def synchronized(self) -> tuple[bool, str]:
         """The system clock's sync state, probed at most every 10 s."""
         mono = time.monotonic()

@@ -16,6 +16,7 @@ journal connection; next-attempt times live in the journal, so a restart resumes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import random
@@ -46,6 +47,7 @@ BACKOFF_CAP_S = 300.0
 PAUSE_BASE_S = 5.0
 PAUSE_CAP_S = 300.0
 EXPIRE_EVERY_S = 60.0
+CORRECT_TIMES_EVERY_S = 30.0
 CERT_CACHE = "platform_certificates.json"
 
 
@@ -178,6 +180,8 @@ class DeliveryLoop:
         self._failures = 0
         self._pause_level = 0
         self._next_expire = 0.0
+        self._next_time_check = 0.0
+        self.times_corrected = 0
         self._progress = time.monotonic()
         self.journal_error: str | None = None
 
@@ -208,6 +212,7 @@ class DeliveryLoop:
             "response_unverified": v.response_unverified,
             "mode": "platform_certificate" if self.keys.certificate_mode else "public_key",
             "journal_error": self.journal_error,
+            "times_corrected": self.times_corrected,
         }
 
     def run(self) -> None:
@@ -238,6 +243,9 @@ class DeliveryLoop:
         if mono >= self._next_expire:
             self._next_expire = mono + EXPIRE_EVERY_S
             self._expire(now)
+        if mono >= self._next_time_check and self.clock.offset is not None:
+            self._next_time_check = mono + CORRECT_TIMES_EVERY_S
+            self._correct_times()
         if self.view.paused_until is not None and self.view.paused_until > time.time():
             return min(1.0, self.view.paused_until - time.time())
         if mono < self._hold_until:
@@ -413,6 +421,33 @@ class DeliveryLoop:
             hold = backoff(self._failures - 3, self._rng)
             self._hold_until = max(self._hold_until, time.monotonic() + min(hold, 30.0))
         return row_id, "retry", {"next_at": now + delay, "error": data["error"]}
+
+    def _correct_times(self) -> None:
+        """Re-time entries journaled with an unsynchronised clock, now that the API's clock is known.
+
+        Only entries never attempted are touched (their body has never reached the API, so the same
+        out_serial_number with a new body cannot conflict), and only within the boot they were
+        received in: true receipt time = corrected now − (monotonic now − monotonic at receipt).
+        """
+        try:
+            rows = self.journal.uncorrected_agent_times()
+            mono_now, true_now = time.monotonic(), self.clock.now()
+            for row in rows:
+                if row["id"] in self._in_flight:
+                    continue  # its old body may be on the wire right now
+                when = int(true_now - (mono_now - float(row["received_mono"])))
+                request = dataclasses.replace(wechatpay.parse_entry_body(bytes(row["body"])), enter_timestamp=when)
+                if self.journal.correct_time(row["id"], when, wechatpay.build_entry_body(request), true_now):
+                    self.times_corrected += 1
+                    log.info(
+                        "entry_time_corrected id=%d out_serial_number=%s from=%d to=%d",
+                        row["id"],
+                        row["out_serial_number"],
+                        row["enter_timestamp"],
+                        when,
+                    )
+        except (JournalError, ValueError) as exc:
+            log.warning("entry_time_correction_failed error=%s", exc)
 
     def _expire(self, now: float) -> None:
         try:

@@ -115,9 +115,16 @@ class IngestLoop:
         if not batch:
             return True
         now = self.clock.now()
-        synced, _ = self.clock.synchronized()
+        synced = self.clock.trusted()
         processed = [
-            self.pipeline.process(m.topic, m.payload, received_at=m.received_at, now=now, clock_synced=synced)
+            self.pipeline.process(
+                m.topic,
+                m.payload,
+                received_at=m.received_at,
+                now=now,
+                clock_synced=synced,
+                received_mono=m.received_mono,
+            )
             for m in batch
         ]
         items = [(p.outcome, p.inbound) for p in processed if not isinstance(p.outcome, Ignored)]

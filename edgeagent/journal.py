@@ -70,13 +70,21 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_camera ON events (camera, received_at);
     CREATE INDEX events_state ON events (state, id);
     """,
+    # 2: clock safety (issue 5). Entries timed by an unsynchronised agent clock keep the monotonic time
+    # of receipt and the boot they happened in, so their time can be corrected once the API's clock is
+    # known in the same boot.
+    """
+    ALTER TABLE events ADD COLUMN received_mono REAL;
+    ALTER TABLE events ADD COLUMN boot_id TEXT;
+    ALTER TABLE events ADD COLUMN time_corrected INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 ENTRY_COLUMNS = (
     "id, state, camera, lane, received_at, updated_at, reason, detail, out_serial_number, plate_number, "
     "plate_color, vehicle_type, car_type, entrance_number, entrance_name, enter_timestamp, time_source, "
     "clock_synced, attempts, next_attempt_at, last_error, serial_number, sent_at, topic, payload_sha256, "
-    "payload_size"
+    "payload_size, time_corrected"
 )
 
 
@@ -89,6 +97,7 @@ class Inbound:
     payload_sha256: str
     payload_size: int
     payload_excerpt: bytes  # already redacted and capped; stored for rejected rows only
+    received_mono: float | None = None  # time.monotonic() at receipt, meaningful within `boot_id` only
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,14 @@ class Pending:
 
 
 BodyBuilder = Callable[[Entry, str], bytes]
+
+
+def boot_id() -> str:
+    """This boot's id (Linux): monotonic times are comparable only within one boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _translate(exc: sqlite3.Error) -> JournalError:
@@ -144,6 +161,7 @@ class Journal:
                 self._migrate()
             self._db.row_factory = sqlite3.Row
             self._epoch = self._meta("epoch") or ""
+            self._boot_id = boot_id()
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
         except OSError as exc:
@@ -280,8 +298,8 @@ class Journal:
             "INSERT INTO events (id, state, dedup_key, camera, lane, topic, received_at, updated_at, "
             "out_serial_number, plate_number, plate_color, vehicle_type, car_type, entrance_number, "
             "entrance_name, enter_timestamp, time_source, clock_synced, confidence, body, next_attempt_at, "
-            "payload_sha256, payload_size) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?, ?, ?, ?)",
+            "payload_sha256, payload_size, received_mono, boot_id) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row_id,
                 entry.dedup_key,
@@ -305,6 +323,8 @@ class Journal:
                 now,
                 inbound.payload_sha256,
                 inbound.payload_size,
+                inbound.received_mono,
+                self._boot_id,
             ),
         )
         return Recorded("entry", row_id, serial)
@@ -430,6 +450,29 @@ class Journal:
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
 
+    def uncorrected_agent_times(self) -> list[dict[str, Any]]:
+        """Pending, never-attempted entries timed by an unsynchronised agent clock in this boot."""
+        rows = self._query(
+            "SELECT id, out_serial_number, received_mono, enter_timestamp, body FROM events "
+            "WHERE state = 'pending' AND time_source = 'agent' AND clock_synced = 0 AND time_corrected = 0 "
+            "AND attempts = 0 AND boot_id = ? AND received_mono IS NOT NULL",
+            (self._boot_id,),
+        )
+        return [{key: row[key] for key in row.keys()} for row in rows]  # noqa: SIM118
+
+    def correct_time(self, row_id: int, enter_timestamp: int, body: bytes, now: float) -> bool:
+        """Replace an uncorrected entry's time and body; False if it was attempted meanwhile."""
+        try:
+            with self._transaction():
+                cur = self._db.execute(
+                    "UPDATE events SET enter_timestamp = ?, body = ?, time_corrected = 1, updated_at = ? "
+                    "WHERE id = ? AND state = 'pending' AND attempts = 0 AND time_corrected = 0",
+                    (enter_timestamp, body, now, row_id),
+                )
+                return cur.rowcount == 1
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
     # -- reading (status, events, tests) -------------------------------------------------------
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -527,10 +570,12 @@ def _row_dict(row: sqlite3.Row) -> dict[str, Any]:
             "last_error",
             "serial_number",
             "sent_at",
+            "time_corrected",
         ):
             data.pop(key, None)
     else:
         data.pop("reason", None)
         data.pop("detail", None)
         data["clock_synced"] = bool(data["clock_synced"])
+        data["time_corrected"] = bool(data["time_corrected"])
     return data

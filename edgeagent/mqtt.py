@@ -50,6 +50,7 @@ class Message:
     received_at: float
     dup: bool
     retain: bool
+    received_mono: float = 0.0
 
 
 class MqttLink:
@@ -231,6 +232,7 @@ class MqttLink:
                     now,
                     bool(msg.dup),
                     bool(msg.retain),
+                    time.monotonic(),
                 )
             )
         except Exception:

@@ -56,9 +56,18 @@ class Pipeline:
         self.router = router
         self.car_types = car_types
 
-    def process(self, topic: str, payload: bytes, *, received_at: float, now: float, clock_synced: bool) -> Processed:
+    def process(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        received_at: float,
+        now: float,
+        clock_synced: bool,
+        received_mono: float | None = None,
+    ) -> Processed:
         digest = hashlib.sha256(payload).hexdigest()
-        inbound = Inbound(topic, received_at, digest, len(payload), redact(payload))
+        inbound = Inbound(topic, received_at, digest, len(payload), redact(payload), received_mono)
 
         def reject(camera: str | None, reason: Reason, detail: str, lane: str | None = None) -> Processed:
             key = f"{camera}|rej|{digest}"
