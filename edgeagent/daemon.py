@@ -33,7 +33,7 @@ from edgeagent.pipeline import Pipeline
 from edgeagent.routing import Router
 from edgeagent.screening import CarTypeLists
 from edgeagent.status import build as build_status
-from edgeagent.status import iso, write_heartbeat
+from edgeagent.status import disk_view, iso, write_heartbeat
 from edgeagent.systemd import Notifier, watchdog_interval_s
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,9 @@ class Daemon:
             error = None
         except JournalError as exc:
             queue_view, cameras, error = None, {}, str(exc)
-        status = build_status(self.config, runtime, True, queue_view, cameras, error, now)
+        status = build_status(
+            self.config, runtime, True, queue_view, cameras, error, now, disk_view(self.config.state_dir)
+        )
         status["client_id"] = self.config.mqtt.client_id
         return status
 

@@ -380,8 +380,11 @@ class DeliveryLoop:
             except JournalError as exc:
                 # The answers are lost only from memory: the entries stay pending and are re-sent with
                 # the same out_serial_number, which the API treats idempotently.
+                if self.journal_error != str(exc):
+                    log.error("journal_mark_failed error=%s rows=%d", exc, len(rows))
                 self.journal_error = str(exc)
-                log.error("journal_mark_failed error=%s rows=%d", exc, len(rows))
+                # Waiting for disk space is progress of a kind: a restart would not help (no crash loop).
+                self._progress = time.monotonic()
                 if self._stop.wait(1.0):
                     return
 

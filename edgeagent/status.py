@@ -23,26 +23,57 @@ HEARTBEAT_STALE_S = 60.0  # a daemon that has not written its heartbeat for this
 OLDEST_PENDING_WARN_S = 300.0  # "the oldest pending entry is older than a few minutes"
 CLOCK_OFFSET_WARN_S = 60.0
 MQTT_DOWN_GRACE_S = 15.0
+LOW_DISK_BYTES = 50 * 1024 * 1024
+LOW_DISK_FRACTION = 0.02
 
 
 def iso(ts: float | None) -> str | None:
     return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+HEARTBEAT_SIZE = 8192  # the file is padded to this size so it can be rewritten in place on a full disk
+
+
 def write_heartbeat(state_dir: Path, data: dict[str, Any]) -> None:
-    """Atomically replace the heartbeat file (no fsync: it is rebuilt every few seconds)."""
-    path = state_dir / HEARTBEAT_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
+    """Rewrite the heartbeat file in place (no fsync: it is rebuilt every few seconds).
+
+    The file always has HEARTBEAT_SIZE bytes (JSON padded with spaces), so rewriting it needs no new
+    disk blocks: when the disk is full, the heartbeat is exactly what must still get through to say so.
+    """
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    if len(text) > HEARTBEAT_SIZE:
+        text = json.dumps({k: data[k] for k in ("pid", "since", "started", "heartbeat") if k in data}).encode()
+    fd = os.open(state_dir / HEARTBEAT_FILE, os.O_WRONLY | os.O_CREAT, 0o640)
+    try:
+        os.pwrite(fd, text.ljust(HEARTBEAT_SIZE), 0)
+    finally:
+        os.close(fd)
 
 
 def read_heartbeat(state_dir: Path) -> dict[str, Any] | None:
+    """The daemon's last heartbeat, or None; a read that races a rewrite is tried again."""
+    for _ in range(5):
+        try:
+            data = json.loads((state_dir / HEARTBEAT_FILE).read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            time.sleep(0.02)
+            continue
+        return data if isinstance(data, dict) else None
+    return None
+
+
+def disk_view(state_dir: Path) -> dict[str, Any]:
+    """Free space where the journal lives; `low` below LOW_DISK_BYTES or LOW_DISK_FRACTION."""
     try:
-        data = json.loads((state_dir / HEARTBEAT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        st = os.statvfs(state_dir)
+    except OSError as exc:
+        return {"state_dir": str(state_dir), "free_bytes": None, "free_pct": None, "low": None, "error": str(exc)}
+    free = st.f_bavail * st.f_frsize
+    total = st.f_blocks * st.f_frsize or 1
+    low = free < LOW_DISK_BYTES or free / total < LOW_DISK_FRACTION
+    return {"state_dir": str(state_dir), "free_bytes": free, "free_pct": round(100 * free / total, 1), "low": low}
 
 
 def pid_is_edgeagent(pid: int) -> bool:
@@ -68,6 +99,7 @@ def build(
     cameras: dict[str, tuple[float, int]],
     journal_error: str | None,
     now: float,
+    disk: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The SPEC §7 status object, with `problems`: what a technician should look at, worst first."""
     hb = heartbeat or {}
@@ -87,7 +119,11 @@ def build(
     if journal_error:
         down.append(f"journal unreadable: {journal_error}")
     elif running and journal_state.get("error"):
-        down.append(f"journal not writable, intake stopped: {journal_state['error']}")
+        down.append(f"journal not writable, intake stopped (broker keeps the reads): {journal_state['error']}")
+    elif running and (hb.get("uplink") or {}).get("journal_error"):
+        down.append(f"journal not writable, delivery outcomes waiting: {hb['uplink']['journal_error']}")
+    if disk and disk.get("low"):
+        degraded.append(f"disk space low in {disk['state_dir']}: {disk['free_bytes'] // (1024 * 1024)} MiB free")
     uplink = dict(hb.get("uplink") or {"last_success_at": None, "last_error": None, "base_url_in_use": None})
     if uplink.get("paused"):
         degraded.append(f"delivery paused: {uplink.get('pause_cause') or uplink.get('last_error')}")
@@ -118,6 +154,7 @@ def build(
         "clock": clock,
         "queue": q,
         "cameras": camera_list,
+        "disk": disk or {},
         "last_error": (down + degraded + [None])[0] if (down or degraded) else hb.get("last_error"),
     }
 
@@ -142,7 +179,7 @@ def collect(config: Config, now: float | None = None) -> dict[str, Any]:
             journal_error = str(exc)
     elif alive:
         journal_error = f"{config.journal_path} does not exist"
-    return build(config, heartbeat, alive, queue, cameras, journal_error, now)
+    return build(config, heartbeat, alive, queue, cameras, journal_error, now, disk_view(config.state_dir))
 
 
 def _age(iso_time: str | None, now: float) -> str:
@@ -192,6 +229,12 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
     lines.append(
         f"queue    {q['pending']} pending{oldest}, {q['sent_24h']} sent 24h, {q['dead']} dead, {q['rejected']} rejected"
     )
+    disk = status.get("disk") or {}
+    if disk.get("free_bytes") is not None:
+        mib = disk["free_bytes"] // (1024 * 1024)
+        lines.append(
+            f"disk     {mib} MiB free ({disk['free_pct']}%) in {disk['state_dir']}{'  LOW' if disk['low'] else ''}"[:80]
+        )
     lines.append("cameras")
     cams = status["cameras"]
     for cam in cams[:10]:
