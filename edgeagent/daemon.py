@@ -111,6 +111,7 @@ class Daemon:
         self.delivery: Worker | None = make_delivery(self) if make_delivery else None
         self._threads: list[threading.Thread] = []
         self._last_state: str | None = None
+        self._last_published: tuple[Any, ...] = ()
 
     # -- runtime view ----------------------------------------------------------------------------
 
@@ -221,11 +222,17 @@ class Daemon:
                 last_marker = marker
                 status = self._heartbeat()
                 next_heartbeat = mono + HEARTBEAT_EVERY_S
-                if status["state"] != self._last_state or mono >= next_publish:
-                    self.link.publish_status(json.dumps(status, ensure_ascii=False).encode())
-                    self.notifier.notify(f"STATUS={status['state']}: {'; '.join(status['problems']) or 'all good'}")
-                    next_publish = mono + STATUS_PUBLISH_EVERY_S
-                    self._last_state = status["state"]
+                # Fleet status (issue 5): retained, on every state change, after every (re)connect, and
+                # at least every STATUS_PUBLISH_EVERY_S.
+                key = (status["state"], tuple(status["problems"]), self.link.connects)
+                if key != self._last_published or mono >= next_publish:
+                    if self.link.publish_status(json.dumps(status, ensure_ascii=False).encode()):
+                        self._last_published = key
+                        next_publish = mono + STATUS_PUBLISH_EVERY_S
+                    if status["state"] != self._last_state:
+                        self._last_state = status["state"]
+                        problems = "; ".join(status["problems"]) or "all good"
+                        self.notifier.notify(f"STATUS={status['state']}: {problems}"[:400])
         return self.shutdown()
 
     def _heartbeat(self, force: bool = False) -> dict[str, Any]:

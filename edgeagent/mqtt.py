@@ -158,10 +158,12 @@ class MqttLink:
             return False
         return self._client.ack(message.mid, message.qos) == paho.MQTT_ERR_SUCCESS
 
-    def publish_status(self, payload: bytes) -> None:
-        """Publish the retained status object (SPEC §7); silently skipped while disconnected."""
-        if self.state is LinkState.CONNECTED:
-            self._client.publish(self._config.status_topic, payload, qos=1, retain=True)
+    def publish_status(self, payload: bytes) -> bool:
+        """Publish the retained status object (SPEC §7); False (skipped) while disconnected."""
+        if self.state is not LinkState.CONNECTED:
+            return False
+        info = self._client.publish(self._config.status_topic, payload, qos=1, retain=True)
+        return info.rc == paho.MQTT_ERR_SUCCESS
 
     # -- paho callbacks: convert, hand over, never raise -----------------------------------------
 
