@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -162,6 +163,38 @@ def test_the_same_message_twice_is_one_entry(lane: Lane) -> None:
         mine = [r for r in rows if r["payload_sha256"] == digest(payload)]
         assert [r["state"] for r in mine] == ["pending"], mine  # one entry, and no "repeat" row either
     assert len({r["out_serial_number"] for r in rows}) == len(rows) == 4
+
+
+def test_a_broker_redelivery_of_a_journaled_read_is_one_entry(lane: Lane) -> None:
+    """The crash-between-commit-and-ack case, made deterministic: the journal is busy while the read
+    arrives, the broker restarts, then the commit goes through on the old connection, where it can no
+    longer be acknowledged; the broker redelivers it (QoS 1 dup) and the journal must absorb it."""
+    payload = encode({"plate": "粤B77777", "event_id": "redelivered", "time": int(time.time())})
+    blocker = sqlite3.connect(lane.config.parent / "state" / "journal.sqlite3", isolation_level=None, timeout=10)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # e.g. a slow disk: the agent cannot commit for now
+        lane.camera.publish(SOUTH, payload)
+        eventually(lambda: "journal_write_failed" in lane.agent.log.read_text(), timeout=20, what="commit refused")
+        lane.camera.close()
+        lane.broker.restart()  # SIGTERM: Mosquitto keeps the unacknowledged read for our session
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    wait_connected(lane.config, lane.agent, timeout=40)
+    lane.camera = Publisher(lane.broker.port, client_id="camera-sim-2")
+    lane.read({"plate": "粤B88888", "event_id": "after"})
+
+    mine = [r for r in lane.rows() if r["payload_sha256"] == digest(payload)]
+    assert [r["state"] for r in mine] == ["pending"]
+
+    def duplicates_absorbed() -> int:
+        # The redelivery did happen and was absorbed: the daemon's own counter, from its heartbeat file.
+        heartbeat = json.loads((lane.config.parent / "state" / "daemon.json").read_text())
+        return int(heartbeat["intake"]["duplicates"])
+
+    eventually(duplicates_absorbed, timeout=15, what="the redelivered read counted as a duplicate")
+    assert lane.agent.kill(signal.SIGTERM) == 0
+    assert leftovers_for_session(lane.broker, lane.camera) == []
 
 
 def test_a_repeated_read_is_one_entry(lane: Lane) -> None:
