@@ -404,13 +404,19 @@ class DeliveryLoop:
         if kind == "dead":
             return row_id, "dead", {"error": data["error"]}
         if kind == "pause":
-            pause = min(PAUSE_CAP_S, PAUSE_BASE_S * 2**self._pause_level) * self._rng.uniform(0.8, 1.0)
-            self._pause_level = min(self._pause_level + 1, 10)
-            v.paused_until = time.time() + pause
+            wall = time.time()
+            if v.paused_until is None or v.paused_until <= wall:
+                pause = min(PAUSE_CAP_S, PAUSE_BASE_S * 2**self._pause_level) * self._rng.uniform(0.8, 1.0)
+                self._pause_level = min(self._pause_level + 1, 10)
+                v.paused_until = wall + pause
+                log.warning("delivery_paused for_s=%.0f cause=%r", pause, data["error"])
+            # else: a request already in flight when the loop paused met the same cause. It joins the
+            # pause in force; escalating once per concurrent answer would turn 5 s into 5·2^max_in_flight.
             v.pause_cause = data["error"]
-            log.warning("delivery_paused for_s=%.0f cause=%r", pause, data["error"])
-            # Not the entry's fault: no attempt counted, due again when the pause ends.
-            return row_id, "retry", {"next_at": now + pause, "error": data["error"], "counted": 0}
+            # Not the entry's fault: no attempt counted and no per-entry backoff. The pause lives in this
+            # process only, so the restart that follows a key or config fix retries at once instead of
+            # waiting out a pause (up to PAUSE_CAP_S) that the journal would otherwise remember.
+            return row_id, "retry", {"next_at": now, "error": data["error"], "counted": 0}
         if data.get("unverified"):
             v.response_unverified += 1
         self._failures += 1
