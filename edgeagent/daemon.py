@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 10.0
 STATUS_PUBLISH_EVERY_S = 30.0
 PROGRESS_STALE_S = 20.0  # a working loop silent for this long is stuck: stop feeding the watchdog
+PROGRESS_STALE_MIN_S = 5.0  # … or for WatchdogSec, when that is shorter (but never less than this)
 
 
 class Worker(Protocol):
@@ -164,9 +165,11 @@ class Daemon:
     def _healthy(self) -> bool:
         """Liveness for the watchdog: every loop made progress recently and paho's thread is alive."""
         mono = time.monotonic()
-        if mono - self.ingest.stats.last_progress > PROGRESS_STALE_S:
+        watchdog = watchdog_interval_s()
+        stale = PROGRESS_STALE_S if watchdog is None else max(PROGRESS_STALE_MIN_S, min(PROGRESS_STALE_S, 2 * watchdog))
+        if mono - self.ingest.stats.last_progress > stale:
             return False
-        if self.delivery is not None and mono - self.delivery.last_progress() > PROGRESS_STALE_S:
+        if self.delivery is not None and mono - self.delivery.last_progress() > stale:
             return False
         return self.link.thread_alive() or self.link.state is LinkState.STOPPED
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from edgeagent import failpoints
 from edgeagent.clock import Clock
 from edgeagent.errors import JournalError
 from edgeagent.journal import BodyBuilder, Journal
@@ -111,6 +112,10 @@ class IngestLoop:
             self._next_refresh = mono + CAR_TYPE_REFRESH_EVERY_S
         if mono >= self._next_housekeeping:
             self._housekeeping()
+        if self.stats.batches and failpoints.armed("ingest-hang"):
+            log.error("failpoint ingest-hang: intake stops here")
+            self._stop.wait()
+            return False
         batch = self._take_batch(timeout)
         if not batch:
             return True

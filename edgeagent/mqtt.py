@@ -24,6 +24,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgeagent import failpoints
 from edgeagent.config import CameraConfig, MqttConfig
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,8 @@ class MqttLink:
             log.exception("mqtt_callback_error callback=on_disconnect")
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if failpoints.armed("paho-crash"):
+            raise SystemExit("failpoint paho-crash")  # escapes suppress_exceptions, like a real bug would
         try:
             now = time.time()
             self.last_message_at = now
