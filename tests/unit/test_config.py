@@ -426,6 +426,15 @@ def test_check_and_run_exit_78_with_the_line(tmp_path: Path, overrides: dict[str
     assert not (tmp_path / "state").exists()
 
 
+def test_a_missing_config_file_exits_78_from_check_and_run(tmp_path: Path) -> None:
+    missing = tmp_path / "edgeagent.toml"
+    procs = [_edgeagent(command, "--config", str(missing)) for command in ("check", "run")]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 78
+        assert stderr.startswith(f"{missing}: ") and "not found" in stderr
+
+
 def test_check_accepts_a_good_config_and_reports_every_bad_line(tmp_path: Path, keys: Keys) -> None:
     good = tmp_path / "good.toml"
     good.write_text(config_text(keys.merchant_key, keys.platform_pub, state_dir=str(tmp_path / "state")))
