@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from edgeagent import decoders
-from edgeagent.config import Config
+from edgeagent.config import CameraConfig, Config
 from edgeagent.errors import DecodeError
 from edgeagent.journal import REJECTED_PAYLOAD_CAP, Inbound
 from edgeagent.model import Entry, Ignored, PlateRead, Reason, Rejection
@@ -31,6 +31,19 @@ def redact(payload: bytes) -> bytes:
     head = payload[: 64 * 1024]
     head = _LONG_BASE64.sub(lambda m: b"<%d bytes of base64 omitted>" % len(m.group(0)), head)
     return head[:REJECTED_PAYLOAD_CAP]
+
+
+def record_scope(camera: CameraConfig, topic: str) -> str:
+    """Whose record ids a message's are: the camera's own, except Frigate's.
+
+    A Frigate tracked-object id is unique across the Frigate instance, and one vehicle pass is
+    published under it on both `<prefix>/tracked_object_update` and `<prefix>/events` (anpr-formats.md
+    §7). Scoped by the topic prefix, two [[cameras]] entries for those two topics share the id, so the
+    pass stays one entry however its refined plates interleave across the topics.
+    """
+    if camera.format == "frigate":
+        return f"frigate:{topic.rpartition('/')[0]}"
+    return camera.id
 
 
 def dedup_key(camera: str, read: PlateRead | None, digest: str) -> str:
@@ -95,7 +108,7 @@ class Pipeline:
             return reject(
                 camera.id, Reason.UNMAPPED_LANE, f"camera {camera.id!r} {lane} maps to no [[entrances]]", read.lane
             )
-        key = dedup_key(camera.id, read, digest)
+        key = dedup_key(record_scope(camera, topic), read, digest)
         screened = screen(
             read,
             camera=camera,

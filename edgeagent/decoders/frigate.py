@@ -2,7 +2,9 @@
 
 Two messages carry plates:
 - `<prefix>/tracked_object_update` with `"type": "lpr"`: `{"id", "plate", "score", "camera", "timestamp"}`;
-- `<prefix>/events` (`type` new / update / end) once `after.recognized_license_plate` is set.
+- `<prefix>/events` (`type` new / update / end) once `after.recognized_license_plate` is set: a string
+  with `recognized_license_plate_score` in Frigate's MQTT docs, the tracked object's `[plate, score]`
+  pair in what Frigate 0.16 and later actually publish.
 Frigate refines a pass's plate as the car moves and re-emits it under the same tracked-object `id`
 (§7, §13.1), so `id` is the record id: the journal keeps the FIRST valid read under an id and absorbs
 later ones as duplicates, while an earlier invalid read (kept as rejected) does not block a later valid
@@ -11,6 +13,8 @@ one. Frigate gives no colour or vehicle type. All Frigate cameras share one topi
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from edgeagent.decoders._common import Fields, bad, load_json_object, plate_text
 from edgeagent.errors import DecodeError
@@ -48,7 +52,24 @@ def _lpr(update: Fields) -> PlateRead | Ignored:
 def _event(after: Fields) -> PlateRead | Ignored:
     # `frame_time` is the frame the plate was read in; `start_time` when the object first appeared.
     time_key = "frame_time" if after.data.get("frame_time") is not None else "start_time"
+    pair = after.data.get("recognized_license_plate")
+    if isinstance(pair, list):
+        after = _unpair(after, pair)
     return _read(after, "recognized_license_plate", "recognized_license_plate_score", time_key)
+
+
+def _unpair(after: Fields, pair: list[Any]) -> Fields:
+    """Read Frigate 0.16+'s `"recognized_license_plate": [plate, score]` as the documented two fields.
+
+    Frigate keeps the plate on the tracked object as a (plate, score) tuple and publishes the object as
+    it is, so `frigate/events` carries a JSON array and no `recognized_license_plate_score`.
+    """
+    if len(pair) != 2:
+        raise bad(after.name("recognized_license_plate"), f"expected a plate or [plate, score], got {pair!r}"[:200])
+    data = dict(after.data) | {"recognized_license_plate": pair[0]}
+    if data.get("recognized_license_plate_score") is None:
+        data["recognized_license_plate_score"] = pair[1]
+    return Fields(data, after.path, after.numeric_text)
 
 
 def _read(obj: Fields, plate_key: str, score_key: str, time_key: str) -> PlateRead | Ignored:

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from edgeagent import decoders
-from edgeagent.config import Config, load
+from edgeagent.config import CameraConfig, Config, load
 from edgeagent.journal import REJECTED_PAYLOAD_CAP
 from edgeagent.model import Entry, Ignored, PlateColor, PlateRead, Reason, Rejection, TimeSource, VehicleType
-from edgeagent.pipeline import Pipeline, Processed, dedup_key, redact
+from edgeagent.pipeline import Pipeline, Processed, dedup_key, record_scope, redact
 from edgeagent.routing import Router
 from edgeagent.screening import CarTypeLists
 from tests.unit.test_config import MQTT, config_text, key_files
@@ -166,6 +166,16 @@ def test_payload_digest_is_the_last_resort_key(pipeline: Pipeline) -> None:
     e = entry(process(pipeline, SOUTH, payload))
     assert e.dedup_key == f"south-1|sha|{hashlib.sha256(payload).hexdigest()}"
     assert entry(process(pipeline, SOUTH, payload)).dedup_key == e.dedup_key
+
+
+def test_frigate_record_ids_belong_to_the_frigate_instance_not_the_camera() -> None:
+    # One pass is published under one id on both Frigate topics; two [[cameras]] for them share it.
+    lpr = CameraConfig("fr-lpr", "frigate/tracked_object_update", "frigate", None)
+    evt = CameraConfig("fr-events", "frigate/events", "frigate", None)
+    assert record_scope(lpr, "frigate/tracked_object_update") == record_scope(evt, "frigate/events")
+    assert record_scope(lpr, "nvr2/tracked_object_update") != record_scope(lpr, "frigate/tracked_object_update")
+    vzenith = CameraConfig("vz", "device/+/message/up/ivs_result", "vzenith", None)
+    assert record_scope(vzenith, "device/sn/message/up/ivs_result") == "vz"  # other vendors' ids are per camera
 
 
 def test_dedup_key_precedence() -> None:
