@@ -97,6 +97,14 @@ def cmd_events(args: argparse.Namespace) -> int:
         if args.json:
             print("[]")
         return EXIT_FAILED
+    if args.limit < 1:
+        print("edgeagent events: --limit must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    from edgeagent.status import pid_is_edgeagent, read_heartbeat  # noqa: PLC0415
+
+    heartbeat = read_heartbeat(config.state_dir)
+    if heartbeat is None or not pid_is_edgeagent(int(heartbeat.get("pid") or 0)):
+        print("edgeagent: note: the daemon is not running; these rows are as it left them", file=sys.stderr)
     journal = Journal(config.journal_path, readonly=True)
     try:
         rows = journal.events(args.state, args.limit)

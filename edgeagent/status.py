@@ -78,6 +78,8 @@ def disk_view(state_dir: Path) -> dict[str, Any]:
 
 def pid_is_edgeagent(pid: int) -> bool:
     """True when `pid` is alive and is an edgeagent process (not a recycled pid after kill -9)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
