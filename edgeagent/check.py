@@ -63,17 +63,11 @@ def _probe_broker(config: Config) -> bool:
     from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
     from paho.mqtt.reasoncodes import ReasonCode  # noqa: PLC0415
 
+    from edgeagent.mqtt import apply_credentials  # noqa: PLC0415
+
     m = config.mqtt
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"{m.client_id}-check")
-    if m.username:
-        password = m.password_file.read_text().strip() if m.password_file else None
-        client.username_pw_set(m.username, password)
-    if m.tls:
-        client.tls_set(
-            ca_certs=str(m.ca_file) if m.ca_file else None,
-            certfile=str(m.cert_file) if m.cert_file else None,
-            keyfile=str(m.key_file) if m.key_file else None,
-        )
+    apply_credentials(client, m)
     try:
         client.connect(m.host, m.port, keepalive=10)
     except (OSError, ssl.SSLError) as exc:

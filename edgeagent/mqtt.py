@@ -89,18 +89,7 @@ class MqttLink:
         client.suppress_exceptions = True
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.max_inflight_messages_set(50)  # outgoing (status) only
-        if config.username:
-            password = None
-            if config.password_file is not None:
-                password = config.password_file.read_text(encoding="utf-8").strip()
-            client.username_pw_set(config.username, password)
-        if config.tls:
-            client.tls_set(
-                ca_certs=str(config.ca_file) if config.ca_file else None,
-                certfile=str(config.cert_file) if config.cert_file else None,
-                keyfile=str(config.key_file) if config.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+        apply_credentials(client, config)
         if will_payload is not None:
             client.will_set(config.status_topic, will_payload, qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -246,12 +235,8 @@ class MqttLink:
             log.exception("mqtt_callback_error callback=on_message")
 
 
-def publish_once(config: MqttConfig, topic: str, payload: bytes, *, client_id: str, timeout: float = 10.0) -> None:
-    """Connect with the agent's broker settings, publish one QoS 1 message, wait for its PUBACK.
-
-    Used by `edgeagent simulate` and `check --online`; raises OSError with a readable reason.
-    """
-    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id)
+def apply_credentials(client: paho.Client, config: MqttConfig) -> None:
+    """Username/password file and TLS (always verifying the broker) as the config says."""
     if config.username:
         password = config.password_file.read_text(encoding="utf-8").strip() if config.password_file else None
         client.username_pw_set(config.username, password)
@@ -262,6 +247,15 @@ def publish_once(config: MqttConfig, topic: str, payload: bytes, *, client_id: s
             keyfile=str(config.key_file) if config.key_file else None,
             cert_reqs=ssl.CERT_REQUIRED,
         )
+
+
+def publish_once(config: MqttConfig, topic: str, payload: bytes, *, client_id: str, timeout: float = 10.0) -> None:
+    """Connect with the agent's broker settings, publish one QoS 1 message, wait for its PUBACK.
+
+    Used by `edgeagent simulate` and `check --online`; raises OSError with a readable reason.
+    """
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id)
+    apply_credentials(client, config)
     try:
         client.connect(config.host, config.port, keepalive=10)
     except (OSError, ssl.SSLError) as exc:

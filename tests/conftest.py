@@ -24,11 +24,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.localbroker import LocalBroker
+from edgeagent.sandbox import Sandbox
 
 T = TypeVar("T")
 
 
-def eventually(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
+def eventually(check: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
     """Poll `check` until it returns something truthy (returned) or `timeout` passes (AssertionError)."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -53,6 +54,14 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    """The project's HTTPS WeChat Pay sandbox with its own test CA, behaving like the real API."""
+    box = Sandbox(tmp_path / "sandbox", port=0).start()
+    yield box
+    box.stop()
 
 
 @dataclass

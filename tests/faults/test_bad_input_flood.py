@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from edgeagent.journal import Journal
 from edgeagent.sandbox import Sandbox
 from tests.conftest import Agent, Broker, Publisher, eventually
-from tests.integration.delivery_helpers import gate_config, journal_rows, started_sandbox, status
+from tests.integration.delivery_helpers import gate_config, journal_rows, status
 
 pytestmark = pytest.mark.slow
 
@@ -69,13 +68,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = started_sandbox(tmp_path / "sandbox")
-    yield box
-    box.stop()
 
 
 def test_bad_input_flood(tmp_path: Path, broker: Broker, sandbox: Sandbox) -> None:

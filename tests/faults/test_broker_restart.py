@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from edgeagent.sandbox import Sandbox
 from tests.conftest import Agent, Broker, Publisher, eventually
-from tests.integration.delivery_helpers import gate_config, integrity, journal_rows, started_sandbox, status
+from tests.integration.delivery_helpers import gate_config, integrity, journal_rows, status
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = started_sandbox(tmp_path / "sandbox")
-    yield box
-    box.stop()
 
 
 def plates(start: int, count: int) -> list[str]:

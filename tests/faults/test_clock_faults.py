@@ -5,23 +5,15 @@ because they came from a synchronised clock — each under its original out_seri
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from edgeagent.sandbox import Sandbox
 from tests.conftest import Agent, Broker, Publisher, eventually
-from tests.integration.delivery_helpers import gate_config, journal_rows, started_sandbox, status
+from tests.integration.delivery_helpers import gate_config, journal_rows, status
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = started_sandbox(tmp_path / "sandbox")
-    yield box
-    box.stop()
 
 
 def test_api_clock_step_while_entries_are_queued(tmp_path: Path, broker: Broker, sandbox: Sandbox) -> None:
@@ -39,13 +31,13 @@ def test_api_clock_step_while_entries_are_queued(tmp_path: Path, broker: Broker,
         eventually(lambda: status(config)[1]["mqtt"]["connected"], timeout=20, what="agent connected")
         camera.publish("anpr/south-1/plate", {"plate": "粤D00001"})
         eventually(lambda: len(sandbox.accepted()) == 1, timeout=20, what="one entry before the fault")
-        first_offset = eventually(
-            lambda: (
-                [status(config)[1]["clock"]["offset_s"]] if status(config)[1]["clock"]["offset_s"] is not None else None
-            ),
-            timeout=15,
-            what="offset learnt",
-        )[0]
+
+        def offset() -> list[float] | None:
+            value = status(config)[1]["clock"]["offset_s"]
+            return None if value is None else [float(value)]
+
+        learnt: list[float] = eventually(offset, timeout=15, what="offset learnt")
+        first_offset = learnt[0]
         assert abs(first_offset) < 5
 
         sandbox.set(fail_status=503, fail_count=-1)

@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,8 +45,9 @@ def fill(mount: Path) -> Path:
     return ballast
 
 
-def status(config: Path) -> dict:
-    return json.loads(run_cli("status", "--json", "--config", str(config)).stdout)
+def status(config: Path) -> dict[str, Any]:
+    view: dict[str, Any] = json.loads(run_cli("status", "--json", "--config", str(config)).stdout)
+    return view
 
 
 def test_full_disk_stops_acks_then_recovers(tmp_path: Path, tiny_fs: Path, broker: Broker, keys: Keys) -> None:

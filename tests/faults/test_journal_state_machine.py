@@ -118,9 +118,9 @@ class JournalMachine(RuleBasedStateMachine):
             return
         results = self.j.record_batch(items, serial_prefix=PREFIX, repeat_window_s=60, build_body=body, now=self.now)
         assert len(results) == len(items)
-        for (key, _, _), result in zip(keys, results, strict=True):
-            if result.outcome == "duplicate":
-                assert key in self.acked or key in {k for k, _, _ in keys[: keys.index((key, _, _))]}
+        for i, ((key, _, _), result) in enumerate(zip(keys, results, strict=True)):
+            if result.outcome == "duplicate":  # only a read already committed, or earlier in this batch
+                assert key in self.acked or key in {k for k, _, _ in keys[:i]}
             if result.out_serial_number is not None:
                 assert result.out_serial_number not in self.serials_seen, "out_serial_number reused"
                 self.serials_seen[result.out_serial_number] = result.id

@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from edgeagent.sandbox import Sandbox
 from tests.conftest import Agent, Broker, eventually, run_cli
 from tests.integration.delivery_helpers import closed_port_url, gate_config, started_sandbox
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = started_sandbox(tmp_path / "sandbox")
-    yield box
-    box.stop()
 
 
 def test_check_online_all_good(tmp_path: Path, broker: Broker, sandbox: Sandbox) -> None:
