@@ -1,0 +1,470 @@
+#!/bin/bash
+# Install or upgrade edgeagent on Debian 12 / Raspberry Pi OS (arm64, armhf, amd64), or remove it.
+# Run as root from a checkout; safe to run again (upgrades the package, keeps your configuration).
+# docs/deploy.md walks through it. Options: see usage() below or --help.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: deploy/install.sh [--root DIR] [--source PATH] [--camera-lan ADDRESS] [--no-start]
+       deploy/install.sh --uninstall [--root DIR] [--purge [--force]]
+
+  --source PATH        the checkout or a wheel (.whl) to install (default: this checkout)
+  --camera-lan ADDRESS this box's static address on the camera LAN: the lane broker listens
+                       there for the cameras (kept from the last run when not given)
+  --no-start           install and enable, but do not (re)start the service
+  --root DIR           install into the staging tree DIR instead of /: no apt-get, useradd,
+                       systemctl or broker reload; accounts go to DIR/etc/passwd and DIR/etc/group
+  --uninstall          remove the program, the unit and the broker drop-in; keeps
+                       /etc/edgeagent and the journal in /var/lib/edgeagent
+  --purge              with --uninstall: also remove /etc/edgeagent, /var/lib/edgeagent, the
+                       broker's edgeagent password and ACL files, and the edgeagent account
+  --force              with --purge: even when the journal still holds undelivered entries
+EOF
+}
+
+say() { echo "install.sh: $*"; }
+die() { echo "install.sh: $*" >&2; exit 1; }
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CHECKOUT="$(dirname "$HERE")"
+
+ROOT=""
+SOURCE=""
+CAMERA_LAN=""
+START=yes
+ACTION=install
+PURGE=no
+FORCE=no
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --root) [ $# -ge 2 ] || die "--root needs a directory"; ROOT="$2"; shift 2 ;;
+        --source) [ $# -ge 2 ] || die "--source needs a path"; SOURCE="$2"; shift 2 ;;
+        --camera-lan) [ $# -ge 2 ] || die "--camera-lan needs an address"; CAMERA_LAN="$2"; shift 2 ;;
+        --no-start) START=no; shift ;;
+        --uninstall) ACTION=uninstall; shift ;;
+        --purge) PURGE=yes; shift ;;
+        --force) FORCE=yes; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) usage >&2; die "unknown argument: $1" ;;
+    esac
+done
+if [ -n "$ROOT" ]; then
+    mkdir -p "$ROOT"
+    ROOT="$(cd "$ROOT" && pwd)"
+    [ "$ROOT" != / ] || ROOT=""
+fi
+[ "$PURGE" = no ] || [ "$ACTION" = uninstall ] || die "--purge goes with --uninstall"
+[ -n "$ROOT" ] || [ "$(id -u)" = 0 ] || die "run as root (or with --root DIR for a staging tree)"
+
+# Where things go (on the target; every write below is under $ROOT).
+OPT=/opt/edgeagent
+VENV=$OPT/venv
+ETC=/etc/edgeagent
+CONFIG=$ETC/edgeagent.toml
+MQTT_PASSWORD=$ETC/mqtt.password
+STATE=/var/lib/edgeagent
+UNIT=/etc/systemd/system/edgeagent.service
+WANTS=/etc/systemd/system/multi-user.target.wants/edgeagent.service
+BROKER_DROPIN=/etc/systemd/system/mosquitto.service.d/edgeagent.conf
+BROKER_CONF=/etc/mosquitto/conf.d/edgeagent.conf
+BROKER_MAIN=/etc/mosquitto/mosquitto.conf
+BROKER_PASSWD=/etc/mosquitto/edgeagent.passwd
+BROKER_ACL=/etc/mosquitto/edgeagent.acl
+BIN_LINK=/usr/local/bin/edgeagent
+CAMERA_USER_TOOL=/usr/local/sbin/edgeagent-camera-user
+PRISTINE=$OPT/share/installed   # what we last installed of files you may edit (to spot your edits)
+PYTHON="${PYTHON:-/usr/bin/python3}"
+
+r() { printf '%s%s' "$ROOT" "$1"; }
+
+systemd_running() { [ -z "$ROOT" ] && [ -d /run/systemd/system ]; }
+
+# -- accounts ---------------------------------------------------------------------------------------
+
+# A free system id (999 down to 100) in a staging tree's passwd and group.
+staging_free_id() {
+    local id
+    for ((id = 999; id >= 100; id--)); do
+        if ! awk -F: -v id="$id" '$3 == id { found = 1 } END { exit !found }' "$(r /etc/passwd)" "$(r /etc/group)"; then
+            echo "$id"
+            return
+        fi
+    done
+    die "no free system id in $(r /etc/passwd)"
+}
+
+staging_account() {  # NAME HOME DESCRIPTION
+    local name="$1" id
+    touch "$(r /etc/passwd)" "$(r /etc/group)"
+    if ! grep -q "^$name:" "$(r /etc/group)"; then
+        id="$(staging_free_id)"
+        echo "$name:x:$id:" >> "$(r /etc/group)"
+    fi
+    if ! grep -q "^$name:" "$(r /etc/passwd)"; then
+        id="$(awk -F: -v n="$name" '$1 == n { print $3 }' "$(r /etc/group)")"
+        echo "$name:x:$id:$id:$3:$2:/usr/sbin/nologin" >> "$(r /etc/passwd)"
+    fi
+}
+
+ensure_accounts() {
+    if [ -n "$ROOT" ]; then
+        mkdir -p "$(r /etc)"
+        staging_account edgeagent "$STATE" "edgeagent parking-gate agent"
+        # The mosquitto package creates this account on a real box.
+        staging_account mosquitto /var/lib/mosquitto "mosquitto package (staging stand-in)"
+        return
+    fi
+    if ! getent group edgeagent >/dev/null; then
+        groupadd --system edgeagent
+    fi
+    if ! getent passwd edgeagent >/dev/null; then
+        useradd --system --gid edgeagent --home-dir "$STATE" --no-create-home \
+            --shell /usr/sbin/nologin --comment "edgeagent parking-gate agent" edgeagent
+        say "created the system user edgeagent"
+    fi
+}
+
+uid_of() {
+    if [ "$1" = root ]; then echo 0; return; fi
+    if [ -n "$ROOT" ]; then awk -F: -v n="$1" '$1 == n { print $3 }' "$(r /etc/passwd)"; else id -u "$1"; fi
+}
+gid_of() {
+    if [ "$1" = root ]; then echo 0; return; fi
+    if [ -n "$ROOT" ]; then awk -F: -v n="$1" '$1 == n { print $3 }' "$(r /etc/group)"; else getent group "$1" | cut -d: -f3; fi
+}
+
+# set_owner PATH USER GROUP MODE (numeric ids, so a staging tree gets its own accounts' ids)
+set_owner() {
+    chmod "$4" "$1"
+    if [ "$(id -u)" = 0 ]; then
+        chown -h "$(uid_of "$2"):$(gid_of "$3")" "$1"
+    fi
+}
+
+# -- files ------------------------------------------------------------------------------------------
+
+# put PATH USER GROUP MODE < content: write PATH only when its content changes.
+put() {
+    local dest tmp
+    dest="$(r "$1")"
+    mkdir -p "$(dirname "$dest")"
+    tmp="$(mktemp "$dest.XXXXXX")"
+    cat > "$tmp"
+    if [ -f "$dest" ] && cmp -s "$tmp" "$dest"; then
+        rm -f "$tmp"
+    else
+        mv "$tmp" "$dest"
+        CHANGED+=("$1")
+    fi
+    set_owner "$dest" "$2" "$3" "$4"
+}
+
+# put_config PATH USER GROUP MODE < content: like put, but a file you edited since the last install
+# is kept, and the new version goes next to it as PATH.dist (mosquitto ignores conf.d/*.dist).
+put_config() {
+    local dest pristine new
+    dest="$(r "$1")"
+    pristine="$(r "$PRISTINE$1")"
+    new="$(mktemp)"
+    cat > "$new"
+    if [ -f "$dest" ] && ! cmp -s "$dest" "$new" && { [ ! -f "$pristine" ] || ! cmp -s "$dest" "$pristine"; }; then
+        put "$1.dist" "$2" "$3" "$4" < "$new"
+        say "kept your edited $1; this version's is $1.dist (compare: diff $1 $1.dist)"
+    else
+        put "$1" "$2" "$3" "$4" < "$new"
+        rm -f "$dest.dist"
+    fi
+    put "$PRISTINE$1" root root 0644 < "$new"
+    rm -f "$new"
+}
+
+directory() {  # PATH USER GROUP MODE
+    mkdir -p "$(r "$1")"
+    set_owner "$(r "$1")" "$2" "$3" "$4"
+}
+
+# -- install ----------------------------------------------------------------------------------------
+
+ensure_packages() {
+    local missing=()
+    "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+    [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+    command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
+    if [ ${#missing[@]} -eq 0 ]; then
+        return
+    fi
+    if [ -n "$ROOT" ]; then
+        say "--root: not run: apt-get install -y ${missing[*]}"
+        if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+            die "--root still needs $PYTHON with venv on this machine to build the staging venv"
+        fi
+        command -v mosquitto_passwd >/dev/null \
+            || die "--root still needs mosquitto_passwd on this machine (apt-get install mosquitto)"
+        return
+    fi
+    say "installing ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+}
+
+install_package() {
+    local venv src build
+    venv="$(r "$VENV")"
+    src="${SOURCE:-$CHECKOUT}"
+    [ -e "$src" ] || die "--source $src: not found"
+    case "$src" in
+        *.whl|*/) ;;
+        *) [ -d "$src" ] || die "--source $src: give a checkout directory or a .whl file" ;;
+    esac
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+        # Missing, or broken by a Python upgrade: (re)create it. The journal is elsewhere.
+        rm -rf "$venv"
+        "$PYTHON" -m venv "$venv"
+    fi
+    build=""
+    if [ -d "$src" ]; then
+        # Build from a clean copy: an in-tree build leaves build/ behind, and setuptools would
+        # package stale modules from it on the next run. A fixed place, because pip records it.
+        [ -f "$src/pyproject.toml" ] || die "--source $src: no pyproject.toml (a checkout or a .whl, please)"
+        build="$(r "$OPT/build")"
+        rm -rf "$build"
+        mkdir -p "$build"
+        cp "$src/pyproject.toml" "$build/"
+        [ ! -f "$src/README.md" ] || cp "$src/README.md" "$build/"
+        cp -r "$src/edgeagent" "$build/"
+        find "$build" -name __pycache__ -prune -exec rm -rf {} +
+        src="$build"
+    fi
+    # SOURCE_DATE_EPOCH makes pip write hash-checked .pyc files instead of ones stamped with the
+    # install time, so reinstalling the same version leaves identical files.
+    export SOURCE_DATE_EPOCH=315532800
+    # Wheels exist for amd64/arm64; on armhf pip may have to compile cffi (piwheels, which
+    # Raspberry Pi OS preconfigures, has it prebuilt). Retry once with a compiler if that fails.
+    if ! "$venv/bin/pip" install --disable-pip-version-check -q --upgrade "$src"; then
+        [ -z "$ROOT" ] || die "pip install failed"
+        say "pip install failed; installing a compiler and headers for packages without a wheel here"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q build-essential python3-dev libffi-dev libssl-dev
+        "$venv/bin/pip" install --disable-pip-version-check -q --upgrade "$src"
+    fi
+    if [ -z "$build" ]; then
+        # A wheel of the version already installed counts as "already satisfied": replace it anyway.
+        "$venv/bin/pip" install --disable-pip-version-check -q --force-reinstall --no-deps "$src"
+    else
+        rm -rf "$build"
+    fi
+    say "installed $("$venv/bin/edgeagent" --version) in $VENV"
+}
+
+# The example config with the agent's broker credentials filled in, for a first install.
+first_config() {
+    sed -e 's|^username = ""|username = "edgeagent"|' \
+        -e "s|^password_file = \"\"[[:space:]]*|password_file = \"$MQTT_PASSWORD\"  |" \
+        "$HERE/edgeagent.toml.example"
+}
+
+# The broker drop-in with the camera-LAN listener: from --camera-lan, else as installed now.
+broker_conf() {
+    local line
+    if [ -n "$CAMERA_LAN" ]; then
+        line="listener 1883 $CAMERA_LAN"
+    else
+        line="$(awk '/^# camera-lan listener/ { getline; print; exit }' "$(r "$BROKER_CONF")" 2>/dev/null || true)"
+        [ -n "$line" ] || line="#listener 1883 CAMERA_LAN_ADDRESS"
+    fi
+    awk -v line="$line" '{ print } /^# camera-lan listener/ { getline; print line }' "$HERE/mosquitto/edgeagent.conf"
+}
+
+random_password() { head -c 18 /dev/urandom | base64 | tr -d '+/='; }
+
+install_broker_files() {
+    local password
+    if [ -n "$CAMERA_LAN" ]; then
+        [[ "$CAMERA_LAN" =~ ^[0-9A-Fa-f:.]+$ ]] || die "--camera-lan $CAMERA_LAN: give an IP address of this box"
+        case "$CAMERA_LAN" in
+            0.0.0.0|::|127.0.0.1|::1) die "--camera-lan $CAMERA_LAN: give this box's own address on the camera LAN" ;;
+        esac
+    fi
+    broker_conf | put_config "$BROKER_CONF" root root 0644
+    if [ ! -f "$(r "$BROKER_ACL")" ]; then
+        put "$BROKER_ACL" root mosquitto 0640 < "$HERE/mosquitto/acl.example"
+    fi
+    set_owner "$(r "$BROKER_ACL")" root mosquitto 0640
+    # The agent's broker account: the password lives in /etc/edgeagent, its hash in the broker's file.
+    if [ ! -f "$(r "$MQTT_PASSWORD")" ] || [ ! -f "$(r "$BROKER_PASSWD")" ] \
+        || ! grep -q '^edgeagent:' "$(r "$BROKER_PASSWD")"; then
+        if [ -f "$(r "$MQTT_PASSWORD")" ]; then
+            password="$(cat "$(r "$MQTT_PASSWORD")")"
+        else
+            password="$(random_password)"
+            printf '%s\n' "$password" | put "$MQTT_PASSWORD" root edgeagent 0640
+        fi
+        if [ -f "$(r "$BROKER_PASSWD")" ]; then
+            mosquitto_passwd -b "$(r "$BROKER_PASSWD")" edgeagent "$password"
+        else
+            mosquitto_passwd -c -b "$(r "$BROKER_PASSWD")" edgeagent "$password"
+        fi
+        CHANGED+=("$BROKER_PASSWD")
+    fi
+    set_owner "$(r "$MQTT_PASSWORD")" root edgeagent 0640
+    set_owner "$(r "$BROKER_PASSWD")" root mosquitto 0640
+    if [ -f "$(r "$BROKER_MAIN")" ] && ! grep -Eq '^include_dir[[:space:]]+/etc/mosquitto/conf.d/?[[:space:]]*$' "$(r "$BROKER_MAIN")"; then
+        say "WARNING: $BROKER_MAIN has no 'include_dir /etc/mosquitto/conf.d' line, so the broker ignores"
+        say "         $BROKER_CONF (persistence, queue limits, camera credentials). Debian's stock file has it."
+    fi
+}
+
+install_files() {
+    directory "$OPT" root root 0755
+    directory "$OPT/share" root root 0755
+    directory "$ETC" root edgeagent 0750
+    directory "$STATE" edgeagent edgeagent 0750
+    if [ ! -f "$(r "$CONFIG")" ]; then
+        first_config | put "$CONFIG" root edgeagent 0640
+        say "wrote $CONFIG from the example: fill in [wechatpay], [parking] and the cameras"
+    fi
+    set_owner "$(r "$CONFIG")" root edgeagent 0640
+    if [ -f "$(r "$ETC/apiclient_key.pem")" ]; then
+        set_owner "$(r "$ETC/apiclient_key.pem")" root root 0600
+    fi
+    put "$UNIT" root root 0644 < "$CHECKOUT/systemd/edgeagent.service"
+    put "$BROKER_DROPIN" root root 0644 < "$HERE/mosquitto/mosquitto-restart.conf"
+    put "$CAMERA_USER_TOOL" root root 0755 < "$HERE/mosquitto/edgeagent-camera-user"
+    # What the unit's Documentation= and docs/deploy.md point at, and the way back out.
+    put "$OPT/README.md" root root 0644 < "$CHECKOUT/README.md"
+    local doc name
+    for doc in "$CHECKOUT"/docs/*.md; do
+        name="$(basename "$doc")"
+        put "$OPT/docs/$name" root root 0644 < "$doc"
+    done
+    directory "$OPT/docs" root root 0755
+    put "$OPT/share/edgeagent.toml.example" root root 0644 < "$HERE/edgeagent.toml.example"
+    put "$OPT/share/mosquitto/edgeagent.conf" root root 0644 < "$HERE/mosquitto/edgeagent.conf"
+    put "$OPT/share/mosquitto/acl.example" root root 0644 < "$HERE/mosquitto/acl.example"
+    put "$OPT/share/mosquitto/bridge-central.conf" root root 0644 < "$HERE/mosquitto/bridge-central.conf"
+    put "$OPT/share/install.sh" root root 0755 < "$HERE/install.sh"
+    put "$OPT/share/uninstall.sh" root root 0755 < "$HERE/uninstall.sh"
+    directory "$OPT/share/mosquitto" root root 0755
+    directory "$PRISTINE" root root 0755
+    mkdir -p "$(r "$(dirname "$BIN_LINK")")" "$(r "$(dirname "$WANTS")")"
+    ln -sfn "$VENV/bin/edgeagent" "$(r "$BIN_LINK")"
+    # What `systemctl enable edgeagent` does (WantedBy=multi-user.target).
+    ln -sfn "$UNIT" "$(r "$WANTS")"
+}
+
+start_services() {
+    if [ -n "$ROOT" ]; then
+        say "--root: not run: systemctl daemon-reload; systemctl enable mosquitto; systemctl restart mosquitto edgeagent"
+        return
+    fi
+    systemctl enable --quiet mosquitto.service edgeagent.service
+    if ! systemd_running; then
+        say "systemd is not running here (a container?): the service is enabled for the next boot, not started."
+        say "to run the agent now: sudo -u edgeagent $VENV/bin/edgeagent run --config $CONFIG"
+        return
+    fi
+    systemctl daemon-reload
+    local broker_changed=no path
+    for path in "${CHANGED[@]}"; do
+        case "$path" in
+            /etc/mosquitto/*|"$BROKER_DROPIN") broker_changed=yes ;;
+        esac
+    done
+    if [ "$broker_changed" = yes ] || ! systemctl is-active --quiet mosquitto.service; then
+        systemctl restart mosquitto.service
+    fi
+    if [ "$START" = no ]; then
+        say "--no-start: edgeagent is enabled, not (re)started"
+    elif CREDENTIALS_DIRECTORY="$ETC" "$VENV/bin/edgeagent" check --config "$CONFIG" >/dev/null 2>&1; then
+        systemctl restart edgeagent.service
+        say "edgeagent (re)started: edgeagent status"
+    else
+        say "edgeagent is enabled but not started: its configuration is not complete yet."
+        say "fix what this prints, then: systemctl start edgeagent"
+        CREDENTIALS_DIRECTORY="$ETC" "$VENV/bin/edgeagent" check --config "$CONFIG" || true
+    fi
+}
+
+do_install() {
+    CHANGED=()
+    ensure_packages
+    ensure_accounts
+    install_files
+    install_broker_files
+    install_package
+    start_services
+    say "done${ROOT:+ (staged in $ROOT)}. Next: docs/deploy.md, 'Commissioning a lane'."
+}
+
+# -- uninstall --------------------------------------------------------------------------------------
+
+# "pending dead" counts from the journal that the config names (read-only), or nothing.
+journal_counts() {
+    local state_dir journal
+    state_dir="$("$PYTHON" -c 'import sys, tomllib
+try:
+    print(tomllib.load(open(sys.argv[1], "rb")).get("state_dir", "/var/lib/edgeagent"))
+except OSError:
+    print("/var/lib/edgeagent")' "$(r "$CONFIG")" 2>/dev/null || echo "$STATE")"
+    journal="$(r "$state_dir")/journal.sqlite3"
+    [ -f "$journal" ] || return 0
+    "$PYTHON" - "$journal" <<'EOF'
+import sqlite3, sys, urllib.parse
+uri = "file:" + urllib.parse.quote(sys.argv[1]) + "?mode=ro"
+db = sqlite3.connect(uri, uri=True)
+counts = dict(db.execute("SELECT state, count(*) FROM events WHERE state IN ('pending', 'dead') GROUP BY state"))
+print(counts.get("pending", 0), counts.get("dead", 0))
+EOF
+}
+
+do_uninstall() {
+    local counts pending=0 dead=0
+    if systemd_running; then
+        systemctl disable --now --quiet edgeagent.service 2>/dev/null || true
+    elif [ -z "$ROOT" ]; then
+        systemctl disable --quiet edgeagent.service 2>/dev/null || true
+    fi
+    counts="$(journal_counts || true)"
+    if [ -n "$counts" ]; then
+        read -r pending dead <<< "$counts"
+    fi
+    if [ "$PURGE" = yes ] && [ "$FORCE" = no ] && [ $((pending + dead)) -gt 0 ]; then
+        die "the journal holds $pending pending and $dead dead entries that WeChat Pay never confirmed; deliver them first (edgeagent status, edgeagent retry --dead), or add --force to delete them with everything else"
+    fi
+    rm -f "$(r "$WANTS")" "$(r "$UNIT")" "$(r "$BROKER_DROPIN")" "$(r "$BROKER_CONF")" "$(r "$BROKER_CONF").dist"
+    rmdir "$(r "$(dirname "$BROKER_DROPIN")")" 2>/dev/null || true
+    rm -f "$(r "$BIN_LINK")" "$(r "$CAMERA_USER_TOOL")"
+    rm -rf "$(r "$OPT")"
+    if [ "$PURGE" = yes ]; then
+        rm -rf "$(r "$ETC")" "$(r "$STATE")"
+        rm -f "$(r "$BROKER_PASSWD")" "$(r "$BROKER_ACL")"
+        if [ -n "$ROOT" ]; then
+            sed -i '/^edgeagent:/d' "$(r /etc/passwd)" "$(r /etc/group)" 2>/dev/null || true
+        else
+            # userdel refuses while a process runs as edgeagent (an agent started by hand).
+            if getent passwd edgeagent >/dev/null && ! userdel edgeagent; then
+                say "kept the account edgeagent; remove it once nothing runs as it: userdel edgeagent"
+            fi
+            if getent group edgeagent >/dev/null && ! getent passwd edgeagent >/dev/null; then
+                groupdel edgeagent || true
+            fi
+        fi
+        say "removed edgeagent, its configuration, journal, broker credentials and account"
+    else
+        say "removed edgeagent; kept $ETC (configuration, keys) and $STATE (journal: $pending pending, $dead dead)"
+        say "kept the broker's camera credentials in $BROKER_PASSWD and $BROKER_ACL"
+        say "to delete those too: $0 --uninstall --purge"
+    fi
+    if systemd_running; then
+        systemctl daemon-reload
+        systemctl try-restart mosquitto.service
+    elif [ -n "$ROOT" ]; then
+        say "--root: not run: systemctl disable --now edgeagent; systemctl daemon-reload; systemctl try-restart mosquitto"
+    fi
+}
+
+if [ "$ACTION" = install ]; then
+    do_install
+else
+    do_uninstall
+fi
