@@ -246,7 +246,9 @@ class DeliveryLoop:
         mono = time.monotonic()
         if mono >= self._next_expire:
             self._next_expire = mono + EXPIRE_EVERY_S
-            self._expire(now)
+            # received_at is the system clock's reading at receipt: measure the age on that clock. On
+            # the API's clock, a board that booted days behind would expire entries seconds old.
+            self._expire(time.time())
         if mono >= self._next_time_check and self.clock.offset is not None:
             self._next_time_check = mono + CORRECT_TIMES_EVERY_S
             self._correct_times()
