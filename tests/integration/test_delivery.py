@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +22,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from edgeagent import wechatpay
+from edgeagent.clock import Clock
+from edgeagent.config import load
+from edgeagent.delivery import DeliveryLoop, PlatformKeys
+from edgeagent.journal import Journal
 from edgeagent.sandbox import Sandbox
 from edgeagent.sandbox.ca import mint_ca
+from edgeagent.uplink import Uplink
 from tests.conftest import Agent, Broker, Keys, events, eventually, run_cli
 from tests.integration.delivery_helpers import DELETE, NORTH, SOUTH, Gate, closed_port_url, now_s, wait_for
 
@@ -353,3 +360,43 @@ def test_the_clock_offset_is_learnt_from_the_api_and_signatures_follow_it(gate: 
     assert any("clock is +1000 s off the API's clock" in p for p in view["problems"])
     text = run_cli("status", "--config", str(gate.config)).stdout
     assert re.search(r"clock +synchronised, offset to API \+(999|1000|1001)\.\ds", text), text
+
+
+def test_a_clock_far_behind_the_apis_does_not_expire_fresh_entries(gate: Gate) -> None:
+    # A gate controller without an RTC can boot days behind (fake-hwclock after a long power-off) and
+    # reach the API before NTP. Entries it journals then are seconds old, whatever the two clocks say.
+    gate.sandbox.set(fail_status=503, date_offset_s=1000)
+    gate.start(parking={"max_entry_age_s": 600})
+    gate.publish()
+
+    def tried() -> list[dict[str, Any]] | None:
+        rows = gate.entries()
+        return rows if rows and rows[0]["attempts"] >= 1 else None
+
+    [row] = wait_for(tried, what="a first attempt (503)")
+    assert gate.agent.kill(signal.SIGTERM) == 0
+
+    # The delivery loop again, driven in this process, with the offset already learnt: its first round
+    # sweeps for expired entries before anything else.
+    config = load(gate.config)
+    clock = Clock()
+    clock.learn(time.time() + 1000, time.time(), time.time())
+    key = wechatpay.load_private_key(config.wechatpay.merchant_private_key.read_bytes())
+    uplink = Uplink(config.wechatpay, clock)
+    loop = DeliveryLoop(
+        config, Journal(config.journal_path), uplink, PlatformKeys(config, uplink, key, clock), key, clock
+    )
+    worker = threading.Thread(target=loop.run, name="delivery-under-test")
+    worker.start()
+    try:
+
+        def settled() -> dict[str, Any] | None:
+            [now] = gate.entries()
+            return now if now["attempts"] > row["attempts"] or now["state"] != "pending" else None
+
+        after = wait_for(settled, what="another attempt, or the entry leaving pending")
+    finally:
+        loop.stop()
+        worker.join(timeout=30)
+    assert after["state"] == "pending", after
+    assert after["last_error"].startswith("HTTP 503 SERVICE_UNAVAILABLE"), after  # tried again, not expired
