@@ -354,11 +354,12 @@ class Journal:
     # -- delivery -----------------------------------------------------------------------------
 
     def due(self, now: float, limit: int, exclude: Sequence[int] = ()) -> list[Pending]:
-        """Pending entries whose next attempt is due, oldest first, skipping ids already in flight."""
+        """Pending entries whose next attempt is due, oldest first, skipping ids already in flight.
+        A NULL next attempt (a re-queued entry) is due at once."""
         skip = set(exclude)
         rows = self._query(
             "SELECT id, out_serial_number, body, attempts, received_at FROM events "
-            "WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+            "WHERE state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?",
             (now, limit + len(skip)),
         )
         due = [Pending(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows if r[0] not in skip]
@@ -366,7 +367,7 @@ class Journal:
 
     def next_due_at(self) -> float | None:
         """When the earliest pending entry becomes due, or None when nothing is pending."""
-        row = self._query("SELECT min(next_attempt_at) FROM events WHERE state = 'pending'")[0]
+        row = self._query("SELECT min(coalesce(next_attempt_at, 0)) FROM events WHERE state = 'pending'")[0]
         return None if row[0] is None else float(row[0])
 
     def mark_outcomes(self, outcomes: Sequence[tuple[int, str, dict[str, Any]]], now: float) -> None:
@@ -400,7 +401,11 @@ class Journal:
             raise _translate(exc) from exc
 
     def requeue_dead(self, ids: Sequence[int] | None, now: float) -> list[int]:
-        """Move dead entries (all when `ids` is None) back to pending, keeping their out_serial_number."""
+        """Move dead entries (all when `ids` is None) back to pending, keeping their out_serial_number.
+
+        They are due at once (next attempt NULL), not at `now`: `edgeagent retry` reads the system clock
+        while the daemon schedules on the API-corrected one, which may be far behind it.
+        """
         try:
             with self._transaction():
                 if ids is None:
@@ -412,8 +417,8 @@ class Journal:
                     ).fetchall()
                 moved = [int(r[0]) for r in rows]
                 self._db.executemany(
-                    "UPDATE events SET state = 'pending', next_attempt_at = ?, updated_at = ? WHERE id = ?",
-                    [(now, now, i) for i in moved],
+                    "UPDATE events SET state = 'pending', next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+                    [(now, i) for i in moved],
                 )
                 return moved
         except sqlite3.Error as exc:
