@@ -48,6 +48,15 @@ def gate(tmp_path: Path, broker: Broker, agent_factory: Callable[[Path], Agent])
     g.sandbox.stop()
 
 
+def register_parking_lot(gate: Gate, parking_id: str, **knobs: Any) -> None:
+    """The merchant registers `parking_id`: the sandbox restarts on the same port knowing it."""
+    port = int(gate.sandbox.base_url.rsplit(":", 1)[1])
+    gate.sandbox.stop()
+    materials = gate.sandbox.materials.dir / "materials.json"
+    materials.write_text(json.dumps(json.loads(materials.read_text()) | {"parking_id": parking_id}))
+    gate.sandbox = Sandbox(gate.sandbox.materials.dir, port=port, **knobs).start()
+
+
 def body_of(accepted: dict[str, Any]) -> dict[str, Any]:
     """The entry fields the sandbox accepted, without its own bookkeeping."""
     return {k: v for k, v in accepted.items() if k in ENTRY_FIELDS}
@@ -123,11 +132,7 @@ def test_a_refused_entry_is_dead_with_the_apis_words_and_retry_sends_it_under_th
     assert any("1 dead-lettered" in p for p in view["problems"])
 
     # The merchant registers the lot (the sandbox restarts knowing it); the technician re-queues the entry.
-    port = int(gate.sandbox.base_url.rsplit(":", 1)[1])
-    gate.sandbox.stop()
-    materials = gate.sandbox.materials.dir / "materials.json"
-    materials.write_text(json.dumps(json.loads(materials.read_text()) | {"parking_id": "WXPARK999"}))
-    gate.sandbox = Sandbox(gate.sandbox.materials.dir, port=port).start()
+    register_parking_lot(gate, "WXPARK999")
     retried = run_cli("retry", str(dead["id"]), "--config", str(gate.config))
     assert retried.returncode == 0, retried.stderr
     assert "re-queued 1 dead entry" in retried.stdout
@@ -140,6 +145,22 @@ def test_a_refused_entry_is_dead_with_the_apis_words_and_retry_sends_it_under_th
     assert sent["serial_number"] == accepted["serial_number"]
     code, view = gate.wait_status(lambda v: v["queue"]["dead"] == 0 and v["queue"]["sent_24h"] == 1)
     assert code == 0, view["problems"]
+
+
+def test_retry_works_whatever_the_agents_clock_says(gate: Gate) -> None:
+    # This agent's clock runs 1000 s ahead of the API's (say an RTC kept in local time): it signs with
+    # the offset it learnt, and `edgeagent retry`, which runs on the system clock, must not wait it out.
+    gate.sandbox.set(date_offset_s=-1000)
+    gate.start(parking={"parking_id": "WXPARK999"})
+    gate.publish()
+    [dead] = gate.wait_state("dead", 1, timeout=30)
+    assert "PARAM_ERROR" in dead["last_error"]
+    register_parking_lot(gate, "WXPARK999", date_offset_s=-1000)
+    assert run_cli("retry", "--dead", "--config", str(gate.config)).returncode == 0
+    [sent] = gate.wait_state("sent", 1, timeout=15)
+    assert sent["out_serial_number"] == dead["out_serial_number"]
+    _, view = gate.wait_status(lambda v: v["clock"]["offset_s"] is not None)
+    assert -1002 <= view["clock"]["offset_s"] <= -998
 
 
 def test_retry_of_an_entry_that_is_not_dead_says_so(gate: Gate) -> None:
