@@ -78,6 +78,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events ADD COLUMN boot_id TEXT;
     ALTER TABLE events ADD COLUMN time_corrected INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3: a re-queued entry gets a fresh max_entry_age_s from the moment it was re-queued; counted from
+    # its receipt, `edgeagent retry` of expired entries would see them expire again within a minute.
+    """
+    ALTER TABLE events ADD COLUMN requeued_at REAL;
+    """,
 )
 
 ENTRY_COLUMNS = (
@@ -417,20 +422,21 @@ class Journal:
                     ).fetchall()
                 moved = [int(r[0]) for r in rows]
                 self._db.executemany(
-                    "UPDATE events SET state = 'pending', next_attempt_at = NULL, updated_at = ? WHERE id = ?",
-                    [(now, i) for i in moved],
+                    "UPDATE events SET state = 'pending', next_attempt_at = NULL, updated_at = ?, requeued_at = ? "
+                    "WHERE id = ?",
+                    [(now, now, i) for i in moved],
                 )
                 return moved
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
 
     def expire(self, now: float, max_age_s: float) -> int:
-        """Dead-letter pending entries journaled more than `max_age_s` ago, as "expired"."""
+        """Dead-letter pending entries journaled (or re-queued) more than `max_age_s` ago, as "expired"."""
         try:
             with self._transaction():
                 cur = self._db.execute(
                     "UPDATE events SET state = 'dead', last_error = ?, next_attempt_at = NULL, updated_at = ? "
-                    "WHERE state = 'pending' AND received_at < ?",
+                    "WHERE state = 'pending' AND coalesce(requeued_at, received_at) < ?",
                     (f"expired: not delivered within max_entry_age_s={max_age_s:g}", now, now - max_age_s),
                 )
                 return cur.rowcount

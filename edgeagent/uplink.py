@@ -19,7 +19,7 @@ import httpx
 from edgeagent import __version__
 from edgeagent.clock import Clock, parse_http_date
 from edgeagent.config import WeChatPayConfig
-from edgeagent.errors import Retryable
+from edgeagent.errors import Blocked, Retryable
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,10 @@ class Uplink:
         try:
             response = self._client.request(method, base + target, headers=headers, content=body or None)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                # An untrusted certificate is a configuration (or interception) problem, not a flaky
+                # network: pause delivery and say so, like a 401, instead of burning attempts.
+                raise Blocked(f"{base}: {_reason(exc)}") from exc
             self._switch(base)
             raise Retryable(f"cannot connect to {base}: {_reason(exc)}") from exc
         except httpx.TimeoutException as exc:

@@ -272,6 +272,18 @@ def test_old_pending_entries_expire_into_dead_letters(writer: Writer) -> None:
     assert writer.state(new.id) == "pending"
 
 
+def test_a_requeued_expired_entry_gets_a_fresh_age(writer: Writer) -> None:
+    [old] = writer.record(make_entry("粤B00001"), now=T0)
+    assert writer.journal.expire(T0 + 8 * DAY, 7 * DAY) == 1
+    # The technician fixes the uplink and re-queues it a day later: it must not expire again at once,
+    # only when it has waited max_entry_age_s since the re-queue.
+    assert writer.journal.requeue_dead(None, T0 + 9 * DAY) == [old.id]
+    assert writer.journal.expire(T0 + 9 * DAY + 60, 7 * DAY) == 0
+    assert writer.state(old.id) == "pending"
+    assert writer.journal.expire(T0 + 16 * DAY + 1, 7 * DAY) == 1
+    assert writer.state(old.id) == "dead"
+
+
 def test_requeue_dead_keeps_the_number(writer: Writer) -> None:
     a, b, c = writer.record(make_entry("粤B00001"), make_entry("粤B00002"), make_entry("粤B00003"))
     writer.journal.mark_outcomes(
