@@ -43,7 +43,11 @@ def test_agent_time_corrected_once_the_api_clock_is_known(
         accepted = eventually(skewed_sandbox.accepted, timeout=40, what="the entry accepted")
         # The API's clock is the truth: the car entered an hour "later" than our wrong clock said.
         assert abs(accepted[0]["enter_timestamp"] - (published_at + SKEW_S)) <= 5
-        row = next(r for r in journal_rows(tmp_path / "state") if r["state"] == "sent")
+        [row] = eventually(
+            lambda: [r for r in journal_rows(tmp_path / "state") if r["state"] == "sent"],
+            timeout=10,
+            what="the entry marked sent",
+        )
         assert row["time_source"] == "agent"
         assert row["clock_synced"] is False
         assert row["time_corrected"] is True
