@@ -52,6 +52,12 @@ EXPIRE_EVERY_S = 60.0
 # requests into one 1 s window at the server. Pacing 10 % below the ceiling absorbs 0.1 s of jitter.
 RATE_HEADROOM = 1.1
 CORRECT_TIMES_EVERY_S = 30.0
+# Answers are written to the journal together (one fsync for many, and the delivery loop refills free
+# slots before it commits): when nothing else is in flight, else once MARK_BATCH are waiting or the
+# oldest has waited MARK_WINDOW_S. A crash in between re-sends those entries with the same
+# out_serial_number and body, which the API answers idempotently (SPEC §1.2).
+MARK_BATCH = 64
+MARK_WINDOW_S = 0.1
 CERT_CACHE = "platform_certificates.json"
 
 
@@ -177,6 +183,8 @@ class DeliveryLoop:
         self._wake = threading.Event()
         self._results: queue.Queue[tuple[int, str, dict[str, Any]]] = queue.Queue()
         self._in_flight: set[int] = set()
+        self._unmarked: dict[int, tuple[int, str, dict[str, Any]]] = {}  # answered, not yet journaled
+        self._unmarked_since = 0.0
         self._pool = ThreadPoolExecutor(max_workers=config.wechatpay.max_in_flight, thread_name_prefix="deliver")
         self._spacing = RATE_HEADROOM / config.wechatpay.max_rate_per_s
         self._next_slot = 0.0
@@ -197,6 +205,10 @@ class DeliveryLoop:
 
     def last_progress(self) -> float:
         return self._progress
+
+    def wake(self) -> None:
+        """Look for due entries now: ingest calls this when it has journaled new entries."""
+        self._wake.set()
 
     def runtime_status(self) -> dict[str, Any]:
         v = self.view
@@ -232,16 +244,24 @@ class DeliveryLoop:
             self._wake.wait(wait)
             self._wake.clear()
         self._pool.shutdown(wait=True, cancel_futures=False)
-        self._drain_results()
+        self._collect_results()
+        self._mark(force=True)
         self.uplink.close()
         log.info("delivery_stopped sent=%d", self.view.sent)
 
     # -- one round -------------------------------------------------------------------------------
 
     def step(self) -> float:
-        """Record finished attempts, dispatch due entries; returns how long the loop may sleep."""
+        """Take finished attempts, dispatch due entries, journal the answers; returns how long the loop may sleep."""
         self._progress = time.monotonic()
-        self._drain_results()
+        self._collect_results()
+        wait = self._dispatch()
+        self._mark(force=False)
+        if self._unmarked:
+            wait = min(wait, max(0.0, self._unmarked_since + MARK_WINDOW_S - time.monotonic()))
+        return wait
+
+    def _dispatch(self) -> float:
         now = self.clock.now()
         mono = time.monotonic()
         if mono >= self._next_expire:
@@ -260,7 +280,7 @@ class DeliveryLoop:
         if free <= 0:
             return 1.0
         try:
-            due = self.journal.due(now, free, exclude=tuple(self._in_flight))
+            due = self.journal.due(now, free, exclude=(*self._in_flight, *self._unmarked))
         except JournalError as exc:
             self.journal_error = str(exc)
             return 1.0
@@ -363,25 +383,35 @@ class DeliveryLoop:
 
     # -- outcomes --------------------------------------------------------------------------------
 
-    def _drain_results(self) -> None:
-        batch: list[tuple[int, str, dict[str, Any]]] = []
+    def _collect_results(self) -> None:
+        """Finished attempts leave the in-flight set (their slots are free) and wait in `_unmarked`,
+        out of `due()`'s reach, until `_mark` journals them."""
+        now = self.clock.now()
         while True:
             try:
-                batch.append(self._results.get_nowait())
+                row_id, kind, data = self._results.get_nowait()
             except queue.Empty:
-                break
-        if not batch:
-            return
-        now = self.clock.now()
-        rows: list[tuple[int, str, dict[str, Any]]] = []
-        for row_id, kind, data in batch:
+                return
             self._in_flight.discard(row_id)
             self.view.attempts += 1
-            rows.append(self._journal_row(row_id, kind, data, now))
+            if not self._unmarked:
+                self._unmarked_since = time.monotonic()
+            self._unmarked[row_id] = self._journal_row(row_id, kind, data, now)
+
+    def _mark(self, force: bool) -> None:
+        """Journal the gathered answers in one transaction when due (see MARK_BATCH), or now if `force`."""
+        if not self._unmarked:
+            return
+        waited = time.monotonic() - self._unmarked_since
+        if not (force or not self._in_flight or len(self._unmarked) >= MARK_BATCH or waited >= MARK_WINDOW_S):
+            return
+        rows = list(self._unmarked.values())
+        now = self.clock.now()
         while True:
             try:
                 self.journal.mark_outcomes(rows, now)
                 self.journal_error = None
+                self._unmarked.clear()
                 return
             except JournalError as exc:
                 # The answers are lost only from memory: the entries stay pending and are re-sent with
@@ -451,8 +481,8 @@ class DeliveryLoop:
             rows = self.journal.uncorrected_agent_times()
             mono_now, true_now = time.monotonic(), self.clock.now()
             for row in rows:
-                if row["id"] in self._in_flight:
-                    continue  # its old body may be on the wire right now
+                if row["id"] in self._in_flight or row["id"] in self._unmarked:
+                    continue  # its old body may be on the wire right now, or already answered
                 when = int(true_now - (mono_now - float(row["received_mono"])))
                 request = dataclasses.replace(wechatpay.parse_entry_body(bytes(row["body"])), enter_timestamp=when)
                 if self.journal.correct_time(row["id"], when, wechatpay.build_entry_body(request), true_now):
@@ -485,4 +515,6 @@ def make(daemon: Daemon) -> DeliveryLoop:
         keys = PlatformKeys(config, uplink, daemon.private_key, daemon.clock)
     except OSError as exc:
         raise KeyFileError(f"wechatpay: cannot read a platform key file: {exc}") from exc
-    return DeliveryLoop(config, Journal(config.journal_path), uplink, keys, daemon.private_key, daemon.clock)
+    loop = DeliveryLoop(config, Journal(config.journal_path), uplink, keys, daemon.private_key, daemon.clock)
+    daemon.ingest.listeners.append(loop.wake)
+    return loop

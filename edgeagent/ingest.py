@@ -28,7 +28,8 @@ from edgeagent.pipeline import Pipeline
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
-BATCH_WINDOW_S = 0.005  # wait this long for more messages once one arrived: cheap group commit
+BATCH_WINDOW_S = 0.005  # under load, wait up to this long for more messages once one arrived: group commit
+BATCH_QUIET_S = 0.001  # … but stop waiting once none arrived for this long (the broker's window is full)
 HOUSEKEEPING_EVERY_S = 600.0
 CAR_TYPE_REFRESH_EVERY_S = 5.0
 
@@ -73,6 +74,10 @@ class IngestLoop:
         self._stop = threading.Event()
         self._next_housekeeping = 0.0
         self._next_refresh = 0.0
+        self._last_batch = 0
+        # Called after a batch with new entries committed: the delivery loop's wake-up, so a fresh entry
+        # is sent at once instead of at its next poll.
+        self.listeners: list[Callable[[], None]] = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -93,14 +98,21 @@ class IngestLoop:
         except queue.Empty:
             return []
         batch = [first]
-        deadline = time.monotonic() + BATCH_WINDOW_S
+        # Reads arriving in bunches share one fsync: wait for more while they keep coming. After a batch of
+        # one (a quiet lane) a read is committed at once: waiting for company that is not coming only adds
+        # latency. Once nothing arrives for BATCH_QUIET_S, all the broker will send unacknowledged is here.
+        last = time.monotonic()
+        deadline = last + (BATCH_WINDOW_S if self._last_batch > 1 else 0.0)
         while len(batch) < MAX_BATCH:
             try:
                 batch.append(self.inbox.get_nowait())
+                last = time.monotonic()
             except queue.Empty:
-                if time.monotonic() >= deadline:
+                mono = time.monotonic()
+                if mono >= deadline or mono - last >= BATCH_QUIET_S:
                     break
                 time.sleep(0.0005)
+        self._last_batch = len(batch)
         return batch
 
     def step(self, timeout: float = 0.5, *, retry: bool = True) -> bool:
@@ -160,6 +172,9 @@ class IngestLoop:
             self.stats.journal_error = None
         for message in batch:
             self.ack(message)
+        if any(result.outcome == "entry" for result in results):
+            for listener in self.listeners:
+                listener()
         for result in results:
             if result.outcome == "entry":
                 self.stats.entries += 1
