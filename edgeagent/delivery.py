@@ -270,8 +270,10 @@ class DeliveryLoop:
             # the API's clock, a board that booted days behind would expire entries seconds old.
             self._expire(time.time())
         if mono >= self._next_time_check and self.clock.offset is not None:
-            self._next_time_check = mono + CORRECT_TIMES_EVERY_S
-            self._correct_times()
+            # Entries skipped because they were on the wire are looked at again next round, not in 30 s:
+            # the answer that taught us the offset is usually about one of them.
+            skipped = self._correct_times()
+            self._next_time_check = mono + (0.0 if skipped else CORRECT_TIMES_EVERY_S)
         if self.view.paused_until is not None and self.view.paused_until > time.time():
             return min(1.0, self.view.paused_until - time.time())
         if mono < self._hold_until:
@@ -470,18 +472,21 @@ class DeliveryLoop:
             self._hold_until = max(self._hold_until, time.monotonic() + min(hold, 30.0))
         return row_id, "retry", {"next_at": now + delay, "error": data["error"]}
 
-    def _correct_times(self) -> None:
+    def _correct_times(self) -> bool:
         """Re-time entries journaled with an unsynchronised clock, now that the API's clock is known.
 
         Only entries never attempted are touched (their body has never reached the API, so the same
         out_serial_number with a new body cannot conflict), and only within the boot they were
         received in: true receipt time = corrected now − (monotonic now − monotonic at receipt).
+        Returns whether an entry was skipped because it was in flight or its answer not yet journaled.
         """
+        skipped = False
         try:
             rows = self.journal.uncorrected_agent_times()
             mono_now, true_now = time.monotonic(), self.clock.now()
             for row in rows:
                 if row["id"] in self._in_flight or row["id"] in self._unmarked:
+                    skipped = True
                     continue  # its old body may be on the wire right now, or already answered
                 when = int(true_now - (mono_now - float(row["received_mono"])))
                 request = dataclasses.replace(wechatpay.parse_entry_body(bytes(row["body"])), enter_timestamp=when)
@@ -496,6 +501,7 @@ class DeliveryLoop:
                     )
         except (JournalError, ValueError) as exc:
             log.warning("entry_time_correction_failed error=%s", exc)
+        return skipped
 
     def _expire(self, now: float) -> None:
         try:
