@@ -100,9 +100,15 @@ def test_broker_restart_while_agent_down(tmp_path: Path, broker: Broker, sandbox
     eventually(lambda: status(config)[1]["mqtt"]["connected"], timeout=20, what="agent connected once")
     agent.kill()  # the broker now queues for the agent's persistent session
     queued = publish_all(broker.port, plates(2000, 100), "cam-c")
-    # Let the broker's 1 s autosave write the queue out, as a lane broker's short autosave would.
-    eventually(lambda: (broker.dir / "mosquitto.db").exists(), timeout=10, what="mosquitto saved its db")
-    time.sleep(1.5)
+    # Let the broker's 1 s autosave write the queue out, as a lane broker's short autosave would: wait for
+    # a save that started after the last PUBACK (on a loaded machine the interval slips).
+    published = time.time()
+    db = broker.dir / "mosquitto.db"
+    eventually(
+        lambda: db.exists() and db.stat().st_mtime > published + 1.0,
+        timeout=20,
+        what="mosquitto saved its db after the publishes",
+    )
     broker.restart(sig)
     agent.start()
     try:
