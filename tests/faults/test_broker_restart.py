@@ -40,10 +40,8 @@ def delivered(sandbox: Sandbox) -> list[str]:
     return [a["plate_number"] for a in sandbox.accepted()]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_broker_restart_while_agent_connected(
-    tmp_path: Path, broker: Broker, sandbox: Sandbox, sig: signal.Signals
-) -> None:
+def start_agent(tmp_path: Path, broker: Broker, sandbox: Sandbox) -> tuple[Path, Agent]:
+    """A gate config for fast drains and no repeat window, and `edgeagent run` started on it."""
     config = gate_config(
         tmp_path / "edgeagent.toml",
         sandbox,
@@ -54,6 +52,14 @@ def test_broker_restart_while_agent_connected(
     )
     agent = Agent(config, tmp_path / "agent.log")
     agent.start()
+    return config, agent
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_broker_restart_while_agent_connected(
+    tmp_path: Path, broker: Broker, sandbox: Sandbox, sig: signal.Signals
+) -> None:
+    config, agent = start_agent(tmp_path, broker, sandbox)
     try:
         eventually(lambda: status(config)[1]["mqtt"]["connected"], timeout=20, what="agent connected")
         first = publish_all(broker.port, plates(0, 200), "cam-a")
@@ -87,16 +93,7 @@ def test_broker_restart_while_agent_connected(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_broker_restart_while_agent_down(tmp_path: Path, broker: Broker, sandbox: Sandbox, sig: signal.Signals) -> None:
-    config = gate_config(
-        tmp_path / "edgeagent.toml",
-        sandbox,
-        state_dir=tmp_path / "state",
-        mqtt_port=broker.port,
-        wechatpay={"max_rate_per_s": 200},
-        parking={"repeat_window_s": 0},
-    )
-    agent = Agent(config, tmp_path / "agent.log")
-    agent.start()
+    config, agent = start_agent(tmp_path, broker, sandbox)
     eventually(lambda: status(config)[1]["mqtt"]["connected"], timeout=20, what="agent connected once")
     agent.kill()  # the broker now queues for the agent's persistent session
     queued = publish_all(broker.port, plates(2000, 100), "cam-c")
