@@ -160,6 +160,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: httpx pools connections like against the real API
+    # Headers and body go out in two writes; with Nagle on, the body waits for the client's delayed ACK
+    # (40 ms on Linux) on a busy keep-alive connection: ~45 ms instead of ~4 ms per answer (bench).
+    disable_nagle_algorithm = True
     server_version = "edgeagent-sandbox"
     timeout = 30  # idle keep-alive connections are closed after this many seconds
 
