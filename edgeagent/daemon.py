@@ -197,7 +197,7 @@ class Daemon:
             self.config.journal_path,
             len(self.config.cameras),
         )
-        self._heartbeat(force=True)
+        self._heartbeat()
         self.notifier.notify("READY=1", f"STATUS=starting, journal {self.config.journal_path}")
         watchdog = watchdog_interval_s()
         next_heartbeat = next_publish = 0.0
@@ -238,7 +238,7 @@ class Daemon:
                         self.notifier.notify(f"STATUS={status['state']}: {problems}"[:400])
         return self.shutdown()
 
-    def _heartbeat(self, force: bool = False) -> dict[str, Any]:
+    def _heartbeat(self) -> dict[str, Any]:
         runtime = self.runtime()
         try:
             write_heartbeat(self.config.state_dir, runtime)
