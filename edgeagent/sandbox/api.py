@@ -44,18 +44,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from edgeagent.sandbox.ca import Materials
+from edgeagent.requests import ENTRY_PATH, BodyError, EntryRequest, build_entry_body, parse_entry_body
 from edgeagent.wechatpay import (
-    ENTRY_PATH,
     FRESHNESS_S,
     SCHEME,
-    BodyError,
-    EntryRequest,
     aes_gcm_encrypt,
-    build_entry_body,
     load_private_key,
     new_nonce,
     parse_authorization,
-    parse_entry_body,
     request_message,
     response_message,
     sign,
