@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 from edgeagent import wechatpay
 from edgeagent.config import Config, load
-from edgeagent.errors import ConfigError, KeyFileError
+from edgeagent.errors import ConfigError, EdgeAgentError, KeyFileError
+from edgeagent.requests import LOT_ENABLED
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 2, 78
 
@@ -119,6 +120,42 @@ def _probe_api(config: Config) -> bool:
     return ok
 
 
+def _probe_lot(config: Config) -> bool:
+    """One signed `GET parking-lot`: proves key, serial, mchid and parking_id together (SPEC §2)."""
+    from edgeagent import parking_lot  # noqa: PLC0415
+    from edgeagent.clock import Clock  # noqa: PLC0415
+    from edgeagent.platform_keys import PlatformKeys  # noqa: PLC0415
+    from edgeagent.uplink import Uplink  # noqa: PLC0415
+
+    wx = config.wechatpay
+    clock = Clock()
+    uplink = Uplink(wx, clock)
+    try:
+        key = wechatpay.load_private_key(wx.merchant_private_key.read_bytes())
+        keys = PlatformKeys(config, uplink, key, clock)
+        if keys.certificate_mode and not keys.keys:
+            keys.refresh()
+        answer = parking_lot.query(config, uplink, keys, key, clock)
+    except (OSError, KeyFileError, EdgeAgentError) as exc:
+        return _line(False, f"signed request to the API: {exc}", "key, serial and mchid must belong together")
+    finally:
+        uplink.close()
+    parking_id = config.parking.parking_id
+    if answer.error:
+        return _line(
+            False,
+            f"signed GET parking-lot for {parking_id}: {answer.error}",
+            "401: key/serial/mchid or clock; 400/404: parking_id; see the API's words",
+        )
+    state = f"{answer.enabled_state}" + (f" ({answer.reason})" if answer.reason else "")
+    _line(True, f"signed GET parking-lot: key, serial, mchid and parking_id {parking_id} accepted")
+    return _line(
+        answer.enabled_state == LOT_ENABLED,
+        f"lot {parking_id} enabled_state {state}",
+        "WeChat has not enabled this lot (or took it offline): see reason; entries still journal and send",
+    )
+
+
 def _probe_clock() -> bool:
     from edgeagent.clock import system_clock_synchronized  # noqa: PLC0415
 
@@ -139,6 +176,9 @@ def run(path: Path, *, online: bool) -> int:
     if not online:
         return EXIT_OK
     ok = _probe_broker(config)
-    ok &= _probe_api(config)
+    api = _probe_api(config)
+    ok &= api
+    if api:
+        ok &= _probe_lot(config)
     ok &= _probe_clock()
     return EXIT_OK if ok else EXIT_FAILED

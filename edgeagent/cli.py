@@ -63,11 +63,11 @@ def _config(args: argparse.Namespace, *, check_files: bool = True) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     # Imported here so that `status` and `events` stay free of paho and httpx imports.
-    from edgeagent import daemon, delivery  # noqa: PLC0415
+    from edgeagent import daemon  # noqa: PLC0415
 
     setup_logging(args.verbose)
     config = _config(args)
-    return daemon.run(config, delivery.make)
+    return daemon.run(config)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -100,14 +100,14 @@ def cmd_events(args: argparse.Namespace) -> int:
     if args.limit < 1:
         print("edgeagent events: --limit must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    from edgeagent.status import pid_is_edgeagent, read_heartbeat  # noqa: PLC0415
+    from edgeagent.status import event_view, pid_is_edgeagent, read_heartbeat  # noqa: PLC0415
 
     heartbeat = read_heartbeat(config.state_dir)
     if heartbeat is None or not pid_is_edgeagent(int(heartbeat.get("pid") or 0)):
         print("edgeagent: note: the daemon is not running; these rows are as it left them", file=sys.stderr)
     journal = Journal(config.journal_path, readonly=True)
     try:
-        rows = journal.events(args.state, args.limit)
+        rows = [event_view(row) for row in journal.events(args.state, args.limit)]
     finally:
         journal.close()
     if args.json:
@@ -123,10 +123,13 @@ def cmd_events(args: argparse.Namespace) -> int:
             what = f"{row['reason']}: {row['detail']}"
         else:
             what = (
-                f"{row['plate_number']} → {row['entrance_number']} {row['out_serial_number']} tries={row['attempts']}"
+                f"{row['kind']} {row['plate_number']} → {row['entrance_number']} {row['out_serial_number']} "
+                f"tries={row['attempts']}"
             )
             if row["serial_number"]:
                 what += f" wx={row['serial_number']}"
+            elif row.get("acceptance") == "duplicate":
+                what += " wx=unknown (accepted earlier)"
             if row["last_error"] and row["state"] != "sent":
                 what += f" error={row['last_error']}"
         print(f"{row['id']:>7} {when} {row['state']:<8} {where:<16} {what}"[:200])
@@ -134,27 +137,54 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    from edgeagent import requests  # noqa: PLC0415
     from edgeagent.journal import Journal  # noqa: PLC0415
+    from edgeagent.routing import Router  # noqa: PLC0415
 
-    if not args.dead and not args.ids:
-        print("edgeagent retry: give entry ids or --dead", file=sys.stderr)
+    if not (args.dead or args.all) and not args.ids:
+        print("edgeagent retry: give request ids, --dead or --all", file=sys.stderr)
         return EXIT_USAGE
+    if args.ids and (args.dead or args.all):
+        print("edgeagent retry: give ids or --dead/--all, not both", file=sys.stderr)
+        return EXIT_USAGE
+    # --rebuild needs the config's values (parking_id, entrances), not the key files.
     config = _config(args, check_files=False)
     if not config.journal_path.exists():
         print(f"edgeagent: no journal at {config.journal_path}", file=sys.stderr)
         return EXIT_FAILED
+    router = Router.build(config)
+
+    def rebuild(kind: requests.Kind, body: bytes, camera: str | None, lane: str | None) -> bytes:
+        parking_id = config.parking.parking_id
+        if kind is requests.Kind.EXIT:
+            return requests.rebuild_exit_body(body, parking_id)
+        entrance = router.entrance_for(camera, lane) if camera else None
+        return requests.rebuild_entry_body(body, parking_id, entrance)
+
     journal = Journal(config.journal_path)
     try:
-        moved = journal.requeue_dead(None if args.dead else args.ids, time.time())
+        moved, kept = journal.requeue(
+            args.ids or None, time.time(), include_pending=args.all, rebuild=rebuild if args.rebuild else None
+        )
+    except ValueError as exc:  # a body the current config cannot build (the config is still wrong)
+        print(f"edgeagent retry --rebuild: {exc}; nothing was changed", file=sys.stderr)
+        return EXIT_CONFIG
     finally:
         journal.close()
     missing = sorted(set(args.ids) - set(moved)) if args.ids else []
+    what = "dead or pending" if args.all else "dead"
     print(
-        f"re-queued {len(moved)} dead entr{'y' if len(moved) == 1 else 'ies'}"
+        f"re-queued {len(moved)} {what} request{'' if len(moved) == 1 else 's'}"
         + (f": {', '.join(map(str, moved))}" if moved and len(moved) <= 20 else "")
+        + (", bodies rebuilt from the current config" if args.rebuild else "")
     )
+    if kept:
+        print(
+            f"kept the old body of {len(kept)} (an earlier attempt may have been accepted with it): "
+            + ", ".join(map(str, kept[:20])),
+        )
     if missing:
-        print(f"not dead (or unknown), left as they are: {', '.join(map(str, missing))}", file=sys.stderr)
+        print(f"not re-queueable (or unknown), left as they are: {', '.join(map(str, missing))}", file=sys.stderr)
         return EXIT_DEGRADED
     return EXIT_OK
 
@@ -240,10 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=["pending", "sent", "dead", "rejected"])
     p.add_argument("--limit", type=int, default=50, metavar="N")
     p.add_argument("--json", action="store_true", help="print a JSON array")
-    p = add("retry", cmd_retry, "re-queue dead-lettered entries, keeping their out_serial_number")
+    p = add("retry", cmd_retry, "re-queue dead-lettered requests, keeping their out_serial_number")
     with_config(p)
     p.add_argument("ids", nargs="*", type=int, metavar="ID")
-    p.add_argument("--dead", action="store_true", help="re-queue every dead entry")
+    p.add_argument("--dead", action="store_true", help="re-queue every dead request")
+    p.add_argument("--all", action="store_true", help="re-queue every dead and pending request, due at once")
+    p.add_argument("--rebuild", action="store_true", help="rebuild their bodies from the current config")
     p = add("simulate", cmd_simulate, "publish a plate read in that camera's own format (commissioning)")
     with_config(p)
     p.add_argument("--camera", required=True, metavar="ID")

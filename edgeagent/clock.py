@@ -2,7 +2,9 @@
 
 A gate controller has no RTC (reliability.md §5): after a power cut the clock restarts in the past
 until NTP syncs. Signatures and entry times are only as good as the clock, so the agent learns the
-API's offset from its `Date` header (SPEC §5) and asks the kernel whether time is synchronised.
+API's offset from answers whose signature verified (their `Wechatpay-Timestamp`, SPEC §5) and asks
+the kernel whether time is synchronised. Every time read of the delivery loop goes through a
+`Clock`, so tests can step it by hand (`now`, `system`, `monotonic` are the three readings).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import ctypes.util
 import os
 import threading
 import time
-from email.utils import parsedate_to_datetime
+from collections import deque
 from pathlib import Path
 
 TIMESYNC_FLAG = Path("/run/systemd/timesync/synchronized")
@@ -53,12 +55,13 @@ def system_clock_synchronized() -> tuple[bool, str]:
     return synced, "adjtimex"
 
 
-def parse_http_date(value: str) -> float | None:
-    """Unix seconds of an RFC 7231 `Date` header, or None when it cannot be read."""
-    try:
-        return parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
+# A signed answer more than 300 s off our clock is either the API's clock having stepped or a replay of an
+# old answer. A replayed answer keeps its old timestamp, so replays seen at different times disagree about
+# the offset; answers from an API whose clock stepped agree. A stale offset is adopted only once
+# STALE_WITNESSES answers with different timestamps, seen within STALE_WINDOW_S, agree within STALE_AGREE_S.
+STALE_WITNESSES = 2
+STALE_AGREE_S = 2.0
+STALE_WINDOW_S = 120.0
 
 
 class Clock:
@@ -71,36 +74,49 @@ class Clock:
         self._lock = threading.Lock()
         self._offset: float | None = None
         self._sync_cache: tuple[float, bool, str] = (-1e9, False, "")
+        self._stale: deque[tuple[float, int, float]] = deque(maxlen=8)  # (monotonic, server time, offset)
 
-    @staticmethod
-    def system() -> float:
+    def system(self) -> float:
+        """The system clock, uncorrected (what stamps `received_at`)."""
         return time.time()
 
-    @staticmethod
-    def monotonic() -> float:
+    def monotonic(self) -> float:
         return time.monotonic()
 
     @property
     def offset(self) -> float | None:
-        """API clock minus our clock, in seconds; None until an answer with a `Date` header arrived."""
+        """API clock minus our clock, in seconds; None until a verified answer told us."""
         with self._lock:
             return self._offset
 
-    def learn(self, server_time: float, sent_at: float, received_at: float) -> None:
-        """Update the offset from a server `Date` (1 s resolution) seen between `sent_at` and `received_at`."""
+    def witness(self, server_time: int, sent_at: float, received_at: float, *, fresh: bool) -> bool:
+        """Learn from the signed `Wechatpay-Timestamp` of an answer whose signature verified.
+
+        `fresh`: it was within 300 s of `now()` (a normal answer: follow it, smoothing jitter). A stale
+        one counts only when corroborated (see STALE_WITNESSES). Returns True when the offset stepped
+        by more than the smoothing band (the caller may re-sign at once).
+        """
         midpoint = (sent_at + received_at) / 2
-        offset = server_time + 0.5 - midpoint  # Date truncates to the second: its middle is +0.5 s
+        offset = server_time + 0.5 - midpoint  # the timestamp truncates to the second: its middle is +0.5 s
         with self._lock:
+            if not fresh:
+                mono = self.monotonic()
+                self._stale.append((mono, server_time, offset))
+                recent = [
+                    (t, o) for m, t, o in self._stale if mono - m <= STALE_WINDOW_S and abs(o - offset) <= STALE_AGREE_S
+                ]
+                if len({t for t, _ in recent}) < STALE_WITNESSES:
+                    return False
+                self._stale.clear()
+            stepped = self._offset is None or abs(offset - self._offset) > 2
             # Smooth small jitter, follow real steps at once.
-            if self._offset is None or abs(offset - self._offset) > 2:
-                self._offset = offset
-            else:
-                self._offset = 0.8 * self._offset + 0.2 * offset
+            self._offset = offset if stepped or self._offset is None else 0.8 * self._offset + 0.2 * offset
+            return stepped
 
     def now(self) -> float:
         """Best estimate of true Unix time: the system clock plus the learnt offset, if any."""
         offset = self.offset
-        return time.time() + (offset or 0.0)
+        return self.system() + (offset or 0.0)
 
     def trusted(self) -> bool:
         """Whether `now()` can be trusted: the system clock is synchronised or the API's offset is known."""
@@ -108,7 +124,7 @@ class Clock:
 
     def synchronized(self) -> tuple[bool, str]:
         """The system clock's sync state, probed at most every 10 s."""
-        mono = time.monotonic()
+        mono = self.monotonic()
         with self._lock:
             at, synced, how = self._sync_cache
         if mono - at > 10:

@@ -1,8 +1,9 @@
-"""`edgeagent run`: wire config → journal → MQTT → ingest (→ delivery), run, and shut down in order.
+"""`edgeagent run`: wire config → journal → MQTT → ingest → delivery, run, and shut down in order.
 
 Threads: paho's network thread (hands messages over), `ingest` (journal, then ack), `delivery`
-(when configured), and the main thread, which writes the heartbeat for `status`, publishes the
-retained status, and feeds the systemd watchdog only while the working loops show progress.
+(outbox → WeChat Pay), `lot` (the lot's state, hourly), and the main thread, which writes the
+heartbeat for `status`, publishes the retained status, and feeds the systemd watchdog only while the
+working loops show progress.
 
 Shutdown on SIGTERM/SIGINT: stop intake (ingest finishes what paho already handed over: commit,
 then ack), stop delivery, publish a final status, disconnect, close the journal, STOPPING=1.
@@ -19,56 +20,33 @@ import signal
 import threading
 import time
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
-from edgeagent import __version__, wechatpay
+from edgeagent import __version__, parking_lot, requests, wechatpay
 from edgeagent.clock import Clock
 from edgeagent.config import Config
+from edgeagent.delivery import DeliveryLoop
 from edgeagent.errors import JournalError, KeyFileError
 from edgeagent.ingest import IngestLoop
-from edgeagent.journal import Journal
-from edgeagent.model import Entry
+from edgeagent.journal import Journal, RecentLookup
+from edgeagent.model import Entry, Rejection
 from edgeagent.mqtt import LinkState, Message, MqttLink
 from edgeagent.pipeline import Pipeline
+from edgeagent.platform_keys import PlatformKeys
 from edgeagent.routing import Router
-from edgeagent.screening import CarTypeLists
+from edgeagent.screening import CarTypeLists, repeat_of
+from edgeagent.status import LatencyView, StatusView, disk_view, from_journal, iso, write_heartbeat
 from edgeagent.status import build as build_status
-from edgeagent.status import disk_view, iso, write_heartbeat
 from edgeagent.systemd import Notifier, watchdog_interval_s
+from edgeagent.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY_S = 10.0
 STATUS_PUBLISH_EVERY_S = 30.0
 PROGRESS_STALE_S = 20.0  # a working loop silent for this long is stuck: stop feeding the watchdog
+LATENCY_EVERY_S = 60.0
 PROGRESS_STALE_MIN_S = 5.0  # … or for WatchdogSec, when that is shorter (but never less than this)
-
-
-class Worker(Protocol):
-    """What the daemon needs of a background loop (ingest, delivery)."""
-
-    def run(self) -> None: ...
-    def stop(self) -> None: ...
-    def last_progress(self) -> float: ...
-    def runtime_status(self) -> dict[str, Any]: ...
-
-
-def entry_body(entry: Entry, out_serial_number: str) -> bytes:
-    """The exact request body for `entry`: built once at journaling time and sent on every attempt."""
-    return wechatpay.build_entry_body(
-        wechatpay.EntryRequest(
-            out_serial_number=out_serial_number,
-            parking_id=entry.parking_id,
-            plate_number=entry.plate_number,
-            enter_timestamp=entry.enter_timestamp,
-            plate_color=entry.plate_color,
-            car_type=entry.car_type,
-            vehicle_type=entry.vehicle_type,
-            entrance_number=entry.entrance_number,
-            entrance_name=entry.entrance_name,
-            discount_template_id=entry.discount_template_id,
-        )
-    )
 
 
 def offline_status(config: Config, reason: str) -> bytes:
@@ -82,7 +60,7 @@ def offline_status(config: Config, reason: str) -> bytes:
 class Daemon:
     """Owns the adapters and threads of one running agent."""
 
-    def __init__(self, config: Config, *, make_delivery: Any = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.clock = Clock()
         self.started = time.time()
@@ -99,20 +77,42 @@ class Daemon:
         self.link = MqttLink(config.mqtt, config.cameras, self.inbox, will_payload=offline_status(config, "lost"))
         router = Router.build(config)
         car_types = CarTypeLists(config.parking.car_type_lists, config.parking.default_car_type)
+        window = config.parking.repeat_window_s
+
+        def repeat_rule(entry: Entry, recent: RecentLookup) -> Rejection | None:
+            return repeat_of(entry, recent, window)
+
         self.ingest = IngestLoop(
             inbox=self.inbox,
             pipeline=Pipeline(config, router, car_types),
             journal=self.journal,
             ack=self.link.ack,
             clock=self.clock,
-            build_body=entry_body,
+            build_body=requests.entry_body,
+            repeat_rule=repeat_rule,
             serial_prefix=config.serial_prefix,
-            repeat_window_s=config.parking.repeat_window_s,
         )
-        self.delivery: Worker | None = make_delivery(self) if make_delivery else None
+        # Delivery: its own journal connection, one uplink, the keys that verify answers.
+        self.uplink = Uplink(config.wechatpay, self.clock)
+        keys = PlatformKeys(config, self.uplink, self.private_key, self.clock)
+        self.delivery = DeliveryLoop(
+            config,
+            Journal(config.journal_path),
+            self.uplink.request,
+            keys,
+            self.private_key,
+            self.clock,
+            base_url=lambda: self.uplink.base_url_in_use,
+        )
+        self.ingest.listeners.append(self.delivery.offer)
+        self.lot = parking_lot.LotWatch(
+            lambda: parking_lot.query(config, self.uplink, keys, self.private_key, self.clock), self.clock
+        )
         self._threads: list[threading.Thread] = []
         self._last_state: str | None = None
         self._last_published: tuple[Any, ...] = ()
+        self._latency: LatencyView | None = None
+        self._latency_at = 0.0
 
     # -- runtime view ----------------------------------------------------------------------------
 
@@ -120,16 +120,7 @@ class Daemon:
         """The heartbeat: what only the running process knows (the journal holds the rest)."""
         synced, how = self.clock.synchronized()
         offset = self.clock.offset
-        uplink = (
-            self.delivery.runtime_status()
-            if self.delivery
-            else {
-                "last_success_at": None,
-                "last_error": None,
-                "base_url_in_use": None,
-                "paused": False,
-            }
-        )
+        uplink = self.delivery.runtime_status()
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -153,6 +144,7 @@ class Daemon:
                 "offset_s": None if offset is None else round(offset, 3),
             },
             "journal": {"error": self.ingest.stats.journal_error},
+            "lot": self.lot.view(),
             "intake": {
                 "entries": self.ingest.stats.entries,
                 "rejected": self.ingest.stats.rejected,
@@ -169,7 +161,7 @@ class Daemon:
         stale = PROGRESS_STALE_S if watchdog is None else max(PROGRESS_STALE_MIN_S, min(PROGRESS_STALE_S, 2 * watchdog))
         if mono - self.ingest.stats.last_progress > stale:
             return False
-        if self.delivery is not None and mono - self.delivery.last_progress() > stale:
+        if mono - self.delivery.last_progress() > stale:
             return False
         return self.link.thread_alive() or self.link.state is LinkState.STOPPED
 
@@ -189,8 +181,9 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_signal)
         self.link.start()
         self._start_thread("ingest", self.ingest.run)
-        if self.delivery is not None:
-            self._start_thread("delivery", self.delivery.run)
+        self._start_thread("delivery", self.delivery.run)
+        # Not joined at shutdown: a query may be waiting on the network, and nothing of it needs saving.
+        threading.Thread(target=self.lot.run, name="lot", daemon=True).start()
         log.info(
             "agent_started version=%s journal=%s cameras=%d",
             __version__,
@@ -219,7 +212,8 @@ class Daemon:
                 self.link.last_message_at,
                 self.ingest.stats.batches,
                 self.ingest.stats.journal_error,
-                self.delivery.runtime_status() if self.delivery else None,
+                self.delivery.runtime_status(),
+                self.lot.view(),
             )
             if mono >= next_heartbeat or marker != last_marker:
                 last_marker = marker
@@ -238,22 +232,20 @@ class Daemon:
                         self.notifier.notify(f"STATUS={status['state']}: {problems}"[:400])
         return self.shutdown()
 
-    def _heartbeat(self) -> dict[str, Any]:
+    def _heartbeat(self) -> StatusView:
         runtime = self.runtime()
         try:
             write_heartbeat(self.config.state_dir, runtime)
         except OSError as exc:
             log.warning("heartbeat_write_failed error=%s", exc)
         now = time.time()
-        try:
-            queue_view = self.journal_reader.queue_summary(now)
-            cameras = self.journal_reader.camera_summary(now)
-            error = None
-        except JournalError as exc:
-            queue_view, cameras, error = None, {}, str(exc)
-        status = build_status(
-            self.config, runtime, True, queue_view, cameras, error, now, disk_view(self.config.state_dir)
-        )
+        # Latency sorts a day of answers: at most once a minute, not on every batch.
+        fresh_latency = now - self._latency_at >= LATENCY_EVERY_S
+        queue_view, cameras, latency, error = from_journal(self.journal_reader, now, latency=fresh_latency)
+        if latency is not None:
+            self._latency, self._latency_at = latency, now
+        disk = disk_view(self.config.state_dir)
+        status = build_status(self.config, runtime, True, queue_view, cameras, error, now, disk, self._latency)
         status["client_id"] = self.config.mqtt.client_id
         return status
 
@@ -269,13 +261,14 @@ class Daemon:
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
         log.info("agent_stopping")
         self.ingest.stop()
-        if self.delivery is not None:
-            self.delivery.stop()
+        self.delivery.stop()
+        self.lot.stop()
         for thread in self._threads:
             thread.join(timeout=30)
             if thread.is_alive():
                 log.error("thread_did_not_stop name=%s", thread.name)
         self.link.stop(final_status=offline_status(self.config, "stopped"))
+        self.uplink.close()
         with contextlib.suppress(OSError):
             (self.config.state_dir / "daemon.json").unlink(missing_ok=True)
         self.journal.close()
@@ -283,10 +276,10 @@ class Daemon:
         return 0
 
 
-def run(config: Config, make_delivery: Any = None) -> int:
+def run(config: Config) -> int:
     """Start the agent and block until it is told to stop; returns the process exit code."""
     try:
-        daemon = Daemon(config, make_delivery=make_delivery)
+        daemon = Daemon(config)
     except JournalError as exc:
         log.error("journal_open_failed error=%s", exc)
         return 2

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from edgeagent import failpoints
 from edgeagent.clock import Clock
 from edgeagent.errors import JournalError
-from edgeagent.journal import BodyBuilder, Journal
+from edgeagent.journal import BodyBuilder, Due, Journal, Recorded, RepeatRule
 from edgeagent.model import Ignored
 from edgeagent.mqtt import Message
 from edgeagent.pipeline import Pipeline
+from edgeagent.requests import Kind
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ class IngestLoop:
         ack: Callable[[Message], bool],
         clock: Clock,
         build_body: BodyBuilder,
+        repeat_rule: RepeatRule,
         serial_prefix: str,
-        repeat_window_s: float,
     ) -> None:
         self.inbox = inbox
         self.pipeline = pipeline
@@ -67,16 +68,16 @@ class IngestLoop:
         self.ack = ack
         self.clock = clock
         self.build_body = build_body
+        self.repeat_rule = repeat_rule
         self.serial_prefix = serial_prefix
-        self.repeat_window_s = repeat_window_s
         self.stats = IngestStats()
         self._stop = threading.Event()
         self._next_housekeeping = 0.0
         self._next_refresh = 0.0
         self._last_batch = 0
-        # Called after a batch with new entries committed: the delivery loop's wake-up, so a fresh entry
-        # is sent at once instead of at its next poll.
-        self.listeners: list[Callable[[], None]] = []
+        # Called after a batch with new entries committed, with those entries: the delivery loop's
+        # hand-over, so a fresh entry is sent at once, without waiting for a poll or a query.
+        self.listeners: list[Callable[[list[Due]], None]] = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,8 +98,9 @@ class IngestLoop:
         except queue.Empty:
             return []
         batch = [first]
-        # Reads arriving in bunches share one fsync. After a batch of one (a quiet lane) a read is committed
-        # at once: waiting for company that is not coming only adds latency.
+        # Reads arriving in bunches share one fsync (the window is real time: it waits for real messages).
+        # After a batch of one (a quiet lane) a read is committed at once: waiting for company that is not
+        # coming only adds latency.
         deadline = time.monotonic() + (BATCH_WINDOW_S if self._last_batch > 1 else 0.0)
         while len(batch) < MAX_BATCH:
             try:
@@ -112,7 +114,7 @@ class IngestLoop:
 
     def step(self, timeout: float = 0.5, *, retry: bool = True) -> bool:
         """One batch. Returns False when the journal refused it (and `retry` is off or we stopped)."""
-        mono = time.monotonic()
+        mono = self.clock.monotonic()
         self.stats.last_progress = mono
         if mono >= self._next_refresh:
             self.pipeline.car_types.refresh()
@@ -147,8 +149,8 @@ class IngestLoop:
                 results = self.journal.record_batch(
                     items,
                     serial_prefix=self.serial_prefix,
-                    repeat_window_s=self.repeat_window_s,
                     build_body=self.build_body,
+                    repeat_rule=self.repeat_rule,
                     now=now,
                 )
                 break
@@ -160,30 +162,35 @@ class IngestLoop:
                 self.stats.journal_error = str(exc)
                 if not retry or self._stop.wait(delay * random.uniform(0.5, 1.0)):
                     return False
-                self.stats.last_progress = time.monotonic()
+                self.stats.last_progress = self.clock.monotonic()
                 delay = min(delay * 2, 30.0)
         if self.stats.journal_error is not None:
             log.info("journal_write_recovered")
             self.stats.journal_error = None
         for message in batch:
             self.ack(message)
-        if any(result.outcome == "entry" for result in results):
+        fresh = [
+            Due(r.id, Kind.ENTRY, r.out_serial_number or "", r.body or b"", 0, inbound.received_at)
+            for r, (_, inbound) in zip(results, items, strict=True)
+            if r.outcome is Recorded.ENTRY
+        ]
+        if fresh:
             for listener in self.listeners:
-                listener()
+                listener(fresh)
         for result in results:
-            if result.outcome == "entry":
+            if result.outcome is Recorded.ENTRY:
                 self.stats.entries += 1
                 log.info("entry_journaled id=%d out_serial_number=%s", result.id, result.out_serial_number)
-            elif result.outcome == "duplicate":
+            elif result.outcome is Recorded.DUPLICATE:
                 self.stats.duplicates += 1
             else:
                 self.stats.rejected += 1
         self.stats.batches += 1
-        self.stats.last_progress = time.monotonic()
+        self.stats.last_progress = self.clock.monotonic()
         return True
 
     def _housekeeping(self) -> None:
-        self._next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY_S
+        self._next_housekeeping = self.clock.monotonic() + HOUSEKEEPING_EVERY_S
         try:
             removed = self.journal.prune(self.clock.now())
             if removed:

@@ -1,32 +1,36 @@
 """The journal: SQLite in WAL mode with synchronous=FULL, the only state that matters (SPEC §6).
 
-One table, `events`, holds entries (`pending` → `sent` | `dead`) and rejected reads side by side, so
-one id space serves `events`, `retry` and the tests. A UNIQUE `dedup_key` makes every redelivery a
-no-op: the vendor record id where there is one, else the capture time, else the payload digest.
+One table, `events`, is the outbox: requests of every kind (`entry`, `exit`; `pending` → `sent` |
+`dead`, per `policy.TRANSITIONS`) and rejected reads side by side, so one id space serves `events`,
+`retry` and the tests. A UNIQUE `dedup_key` makes every redelivery a no-op: the vendor record id
+where there is one, else the capture time, else the payload digest. UNIQUE (kind, out_serial_number)
+lets an exit share its entry's number and never lets a number have two requests of one kind.
 
 Who writes: the ingest thread records batches (one transaction, one fsync per batch); the delivery
 loop marks outcomes on its own connection. `status` and `events` open the file read-only.
-The only module with SQL. sqlite3 errors are translated into `JournalError` here.
+This module stores and queries; what a row means (the repeat rule, bodies, outcomes, presentation)
+is decided by its owners. The only module with SQL; sqlite3 errors become `JournalError` here.
 """
 
 from __future__ import annotations
 
+import enum
 import secrets
 import sqlite3
 import string
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeagent import policy
 from edgeagent.errors import JournalError
-from edgeagent.model import Entry, EntryState, Reason, Rejection
+from edgeagent.model import REJECTED_PAYLOAD_CAP, Entry, EntryState, Inbound, Reason, Rejection
+from edgeagent.requests import Kind
 
 RETENTION_S = 30 * 86400  # SPEC §6: sent and rejected rows are pruned after 30 days
 MAX_REJECTED_ROWS = 100_000  # bound on inspection rows, whatever their age
-REJECTED_PAYLOAD_CAP = 4096  # bytes of a rejected payload kept for inspection
 SERIAL_DIGITS = 10
 # SQLite's own page cache per connection (the daemon holds three). Its default, 2 MB each, mostly
 # duplicates the kernel's page cache: intake appends at the right edge of each index and delivery
@@ -88,49 +92,144 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE events ADD COLUMN requeued_at REAL;
     """,
+    # 4: one outbox for every kind of request (issue 9). Each row names its `kind`; a number is unique per
+    # kind, so an entry and its exit share the entry's out_serial_number and no number gets two exits.
+    # SQLite cannot change a UNIQUE constraint in place: the table is rebuilt, and its AUTOINCREMENT
+    # sequence carried over (ids mint numbers: it must never go back to the highest id still present).
+    # `depends_on`: the request that must be sent first (an exit names its entry). `uncertain`: an
+    # attempt ended without a verified answer in a way the API may have accepted (timeout, dropped
+    # connection, unverified 2xx, 5xx): `retry --rebuild` leaves such a body as it is. `acceptance`:
+    # how a sent row was confirmed ("verified", or "duplicate" = refused as an already used number).
+    # `answered_at`: the system clock when the verified answer arrived (latency in status).
+    """
+    INSERT OR REPLACE INTO meta (key, value)
+        SELECT 'migration4_seq', seq FROM sqlite_sequence WHERE name = 'events';
+    CREATE TABLE events_v4 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL CHECK (kind IN ('entry', 'exit', 'rejected')),
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead', 'rejected')),
+        dedup_key TEXT NOT NULL UNIQUE,
+        camera TEXT,
+        lane TEXT,
+        topic TEXT,
+        received_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        reason TEXT,
+        detail TEXT,
+        out_serial_number TEXT,
+        plate_number TEXT,
+        plate_color TEXT,
+        vehicle_type TEXT,
+        car_type TEXT,
+        entrance_number TEXT,
+        entrance_name TEXT,
+        enter_timestamp INTEGER,
+        time_source TEXT,
+        clock_synced INTEGER,
+        confidence REAL,
+        body BLOB,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        last_error TEXT,
+        serial_number TEXT,
+        sent_at REAL,
+        payload_sha256 TEXT,
+        payload_size INTEGER,
+        payload BLOB,
+        received_mono REAL,
+        boot_id TEXT,
+        time_corrected INTEGER NOT NULL DEFAULT 0,
+        requeued_at REAL,
+        depends_on INTEGER,
+        uncertain INTEGER NOT NULL DEFAULT 0,
+        acceptance TEXT,
+        answered_at REAL,
+        UNIQUE (kind, out_serial_number)
+    );
+    INSERT INTO events_v4 (
+        id, kind, state, dedup_key, camera, lane, topic, received_at, updated_at, reason, detail,
+        out_serial_number, plate_number, plate_color, vehicle_type, car_type, entrance_number, entrance_name,
+        enter_timestamp, time_source, clock_synced, confidence, body, attempts, next_attempt_at, last_error,
+        serial_number, sent_at, payload_sha256, payload_size, payload, received_mono, boot_id, time_corrected,
+        requeued_at, acceptance, answered_at)
+    SELECT
+        id, CASE WHEN state = 'rejected' THEN 'rejected' ELSE 'entry' END, state, dedup_key, camera, lane, topic,
+        received_at, updated_at, reason, detail, out_serial_number, plate_number, plate_color, vehicle_type,
+        car_type, entrance_number, entrance_name, enter_timestamp, time_source, clock_synced, confidence, body,
+        attempts, next_attempt_at, last_error, serial_number, sent_at, payload_sha256, payload_size, payload,
+        received_mono, boot_id, time_corrected, requeued_at,
+        CASE WHEN state = 'sent' THEN 'verified' END, CASE WHEN state = 'sent' THEN sent_at END
+    FROM events;
+    DROP TABLE events;
+    ALTER TABLE events_v4 RENAME TO events;
+    UPDATE sqlite_sequence SET seq = max(seq, coalesce((SELECT CAST(value AS INTEGER) FROM meta
+        WHERE key = 'migration4_seq'), 0)) WHERE name = 'events';
+    INSERT INTO sqlite_sequence (name, seq) SELECT 'events', CAST(value AS INTEGER) FROM meta
+        WHERE key = 'migration4_seq' AND NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'events');
+    DELETE FROM meta WHERE key = 'migration4_seq';
+    CREATE INDEX events_pending ON events (id) WHERE state = 'pending';
+    CREATE INDEX events_plate ON events (plate_number, enter_timestamp) WHERE state != 'rejected';
+    CREATE INDEX events_camera ON events (camera, received_at);
+    CREATE INDEX events_state ON events (state, id);
+    CREATE INDEX events_answered ON events (kind, answered_at) WHERE answered_at IS NOT NULL;
+    """,
 )
 
-ENTRY_COLUMNS = (
-    "id, state, camera, lane, received_at, updated_at, reason, detail, out_serial_number, plate_number, "
+COLUMNS = (
+    "id, kind, state, camera, lane, received_at, updated_at, reason, detail, out_serial_number, plate_number, "
     "plate_color, vehicle_type, car_type, entrance_number, entrance_name, enter_timestamp, time_source, "
     "clock_synced, attempts, next_attempt_at, last_error, serial_number, sent_at, topic, payload_sha256, "
-    "payload_size, time_corrected"
+    "payload_size, time_corrected, depends_on, uncertain, acceptance, answered_at"
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """What the journal keeps about the message a record came from."""
+class Recorded(enum.StrEnum):
+    """What recording one item did."""
 
-    topic: str
-    received_at: float
-    payload_sha256: str
-    payload_size: int
-    payload_excerpt: bytes  # already redacted and capped; stored for rejected rows only
-    received_mono: float | None = None  # time.monotonic() at receipt, meaningful within `boot_id` only
+    ENTRY = "entry"
+    REJECTED = "rejected"
+    REPEAT = "repeat"  # rejected as a repeat of an earlier entry
+    DUPLICATE = "duplicate"  # a redelivery of something already journaled: nothing written
 
 
 @dataclass(frozen=True, slots=True)
-class Recorded:
+class Record:
     """Result of recording one item: what happened and the row it concerns."""
 
-    outcome: str  # "entry" | "rejected" | "repeat" | "duplicate"
+    outcome: Recorded
     id: int
     out_serial_number: str | None = None
+    body: bytes | None = None  # the request body of a new entry, for the hand-over to delivery
 
 
 @dataclass(frozen=True, slots=True)
-class Pending:
-    """A pending entry as the delivery loop needs it."""
+class Due:
+    """A pending request as the delivery loop needs it."""
 
     id: int
+    kind: Kind
     out_serial_number: str
     body: bytes
     attempts: int
     received_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class Marked:
+    """One delivery outcome to journal; `answered_at` is the system clock when the answer arrived."""
+
+    id: int
+    outcome: policy.Outcome
+    answered_at: float | None = None
+    uncertain: bool = False  # the attempt may have been accepted without our knowing
+
+
 BodyBuilder = Callable[[Entry, str], bytes]
+Rebuild = Callable[[Kind, bytes, str | None, str | None], bytes]  # (kind, body, camera, lane) → new body
+# The repeat rule (screening's): given an entry and a lookup of the newest entry of a plate within a time
+# range, the rejection to record instead, or None.
+RecentLookup = Callable[[str, float, float], int | None]
+RepeatRule = Callable[[Entry, RecentLookup], Rejection | None]
 
 
 def boot_id() -> str:
@@ -214,6 +313,13 @@ class Journal:
                 self._db.execute("ROLLBACK")
             raise
 
+    def _write(self, work: Callable[[], Any]) -> Any:
+        try:
+            with self._transaction():
+                return work()
+        except sqlite3.Error as exc:
+            raise _translate(exc) from exc
+
     def serial_for(self, prefix: str, row_id: int) -> str:
         """`out_serial_number` of row `row_id`: prefix + journal epoch + zero-padded id (≤ 28 chars)."""
         return f"{prefix}{self._epoch}{row_id:0{SERIAL_DIGITS}d}"
@@ -225,22 +331,30 @@ class Journal:
         items: Sequence[tuple[Entry | Rejection, Inbound]],
         *,
         serial_prefix: str,
-        repeat_window_s: float,
         build_body: BodyBuilder,
+        repeat_rule: RepeatRule,
         now: float,
-    ) -> list[Recorded]:
-        """Record every item in one transaction (one fsync). Redeliveries are no-ops ("duplicate")."""
-        try:
-            with self._transaction():
-                return [
-                    self._record(item, inbound, serial_prefix, repeat_window_s, build_body, now)
-                    for item, inbound in items
+    ) -> list[Record]:
+        """Record every item in one transaction (one fsync). Redeliveries are no-ops (DUPLICATE)."""
+        return list(
+            self._write(
+                lambda: [
+                    self._record(item, inbound, serial_prefix, build_body, repeat_rule, now) for item, inbound in items
                 ]
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
+            )
+        )
 
     def _existing(self, dedup_key: str) -> int | None:
         row = self._db.execute("SELECT id FROM events WHERE dedup_key = ?", (dedup_key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def recent_entry(self, plate_number: str, low: float, high: float) -> int | None:
+        """The newest entry of `plate_number` timed within [low, high], if any."""
+        row = self._db.execute(
+            "SELECT id FROM events WHERE kind = 'entry' AND plate_number = ? "
+            "AND enter_timestamp BETWEEN ? AND ? ORDER BY id DESC LIMIT 1",
+            (plate_number, low, high),
+        ).fetchone()
         return None if row is None else int(row[0])
 
     def _record(
@@ -248,44 +362,23 @@ class Journal:
         item: Entry | Rejection,
         inbound: Inbound,
         serial_prefix: str,
-        repeat_window_s: float,
         build_body: BodyBuilder,
+        repeat_rule: RepeatRule,
         now: float,
-    ) -> Recorded:
+    ) -> Record:
         existing = self._existing(item.dedup_key)
         if existing is not None:
-            return Recorded("duplicate", existing)
+            return Record(Recorded.DUPLICATE, existing)
         if isinstance(item, Entry):
-            repeat = self._db.execute(
-                "SELECT id FROM events WHERE plate_number = ? AND state != 'rejected' "
-                "AND enter_timestamp BETWEEN ? AND ? ORDER BY id DESC LIMIT 1",
-                (
-                    item.plate_number,
-                    item.enter_timestamp - repeat_window_s,
-                    item.enter_timestamp + repeat_window_s,
-                ),
-            ).fetchone()
+            repeat = repeat_rule(item, self.recent_entry)
             if repeat is not None:
-                return self._reject(
-                    Rejection(
-                        item.camera,
-                        item.lane,
-                        item.dedup_key,
-                        Reason.REPEAT,
-                        f"same plate as entry #{repeat[0]} within {repeat_window_s:g} s",
-                        plate_number=item.plate_number,
-                        repeat_of=int(repeat[0]),
-                    ),
-                    inbound,
-                    now,
-                    outcome="repeat",
-                )
+                return self._reject(repeat, inbound, now, Recorded.REPEAT)
             return self._insert_entry(item, inbound, serial_prefix, build_body, now)
         return self._reject(item, inbound, now)
 
     def _insert_entry(
         self, entry: Entry, inbound: Inbound, serial_prefix: str, build_body: BodyBuilder, now: float
-    ) -> Recorded:
+    ) -> Record:
         # AUTOINCREMENT's sequence never goes back, even after pruning, so neither does the serial.
         seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
         row_id = (int(seq[0]) if seq else 0) + 1
@@ -293,24 +386,16 @@ class Journal:
         try:
             body = build_body(entry, serial)
         except ValueError as exc:
-            return self._reject(
-                Rejection(
-                    entry.camera,
-                    entry.lane,
-                    entry.dedup_key,
-                    Reason.BAD_FIELD,
-                    str(exc),
-                    plate_number=entry.plate_number,
-                ),
-                inbound,
-                now,
+            rejection = Rejection(
+                entry.camera, entry.lane, entry.dedup_key, Reason.BAD_FIELD, str(exc), plate_number=entry.plate_number
             )
+            return self._reject(rejection, inbound, now)
         self._db.execute(
-            "INSERT INTO events (id, state, dedup_key, camera, lane, topic, received_at, updated_at, "
+            "INSERT INTO events (id, kind, state, dedup_key, camera, lane, topic, received_at, updated_at, "
             "out_serial_number, plate_number, plate_color, vehicle_type, car_type, entrance_number, "
             "entrance_name, enter_timestamp, time_source, clock_synced, confidence, body, next_attempt_at, "
-            "payload_sha256, payload_size, received_mono, boot_id) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "payload_sha256, payload_size, received_mono, boot_id) VALUES (?, 'entry', 'pending', ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row_id,
                 entry.dedup_key,
@@ -338,13 +423,13 @@ class Journal:
                 self._boot_id,
             ),
         )
-        return Recorded("entry", row_id, serial)
+        return Record(Recorded.ENTRY, row_id, serial, body)
 
-    def _reject(self, rej: Rejection, inbound: Inbound, now: float, outcome: str = "rejected") -> Recorded:
+    def _reject(self, rej: Rejection, inbound: Inbound, now: float, outcome: Recorded = Recorded.REJECTED) -> Record:
         cur = self._db.execute(
-            "INSERT INTO events (state, dedup_key, camera, lane, topic, received_at, updated_at, reason, detail, "
-            "plate_number, payload_sha256, payload_size, payload) "
-            "VALUES ('rejected', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (kind, state, dedup_key, camera, lane, topic, received_at, updated_at, reason, "
+            "detail, plate_number, payload_sha256, payload_size, payload) "
+            "VALUES ('rejected', 'rejected', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 rej.dedup_key,
                 rej.camera,
@@ -360,135 +445,214 @@ class Journal:
                 inbound.payload_excerpt[:REJECTED_PAYLOAD_CAP],
             ),
         )
-        return Recorded(outcome, int(cur.lastrowid or 0))
+        return Record(outcome, int(cur.lastrowid or 0))
 
     # -- delivery -----------------------------------------------------------------------------
 
-    def due(self, now: float, limit: int, exclude: Sequence[int] = ()) -> list[Pending]:
-        """Pending entries whose next attempt is due, oldest first, skipping ids already in flight.
-        A NULL next attempt (a re-queued entry) is due at once."""
+    def due(self, now: float, limit: int, exclude: Sequence[int] = ()) -> list[Due]:
+        """Pending requests whose next attempt is due, oldest first, skipping ids already in flight.
+        A NULL next attempt (a re-queued request) is due at once."""
         skip = set(exclude)
         rows = self._query(
-            "SELECT id, out_serial_number, body, attempts, received_at FROM events "
+            "SELECT id, kind, out_serial_number, body, attempts, received_at FROM events "
             "WHERE state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?",
             (now, limit + len(skip)),
         )
-        due = [Pending(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows if r[0] not in skip]
+        due = [Due(r[0], Kind(r[1]), r[2], bytes(r[3]), r[4], r[5]) for r in rows if r[0] not in skip]
         return due[:limit]
 
+    def pending(self, row_id: int) -> Due | None:
+        """Row `row_id` if it is pending (a freshly journaled entry handed straight to delivery)."""
+        rows = self._query(
+            "SELECT id, kind, out_serial_number, body, attempts, received_at FROM events "
+            "WHERE id = ? AND state = 'pending'",
+            (row_id,),
+        )
+        return None if not rows else Due(rows[0][0], Kind(rows[0][1]), rows[0][2], bytes(rows[0][3]), *rows[0][4:6])
+
     def next_due_at(self) -> float | None:
-        """When the earliest pending entry becomes due, or None when nothing is pending."""
+        """When the earliest pending request becomes due, or None when nothing is pending."""
         row = self._query("SELECT min(coalesce(next_attempt_at, 0)) FROM events WHERE state = 'pending'")[0]
         return None if row[0] is None else float(row[0])
 
-    def mark_outcomes(self, outcomes: Sequence[tuple[int, str, dict[str, Any]]], now: float) -> None:
-        """Apply delivery outcomes in one transaction: ("sent", {serial_number}), ("retry", {next_at,
-        error}), ("dead", {error}). Only pending rows change: a row sent meanwhile stays sent."""
-        try:
-            with self._transaction():
-                for row_id, kind, data in outcomes:
-                    if kind == "sent":
-                        self._db.execute(
-                            "UPDATE events SET state = 'sent', serial_number = ?, sent_at = ?, updated_at = ?, "
-                            "attempts = attempts + 1, last_error = NULL, next_attempt_at = NULL "
-                            "WHERE id = ? AND state = 'pending'",
-                            (data["serial_number"], now, now, row_id),
-                        )
-                    elif kind == "retry":
-                        self._db.execute(
-                            "UPDATE events SET attempts = attempts + ?, next_attempt_at = ?, last_error = ?, "
-                            "updated_at = ? WHERE id = ? AND state = 'pending'",
-                            (int(data.get("counted", 1)), data["next_at"], data["error"][:500], now, row_id),
-                        )
-                    elif kind == "dead":
-                        self._db.execute(
-                            "UPDATE events SET state = 'dead', attempts = attempts + ?, last_error = ?, "
-                            "next_attempt_at = NULL, updated_at = ? WHERE id = ? AND state = 'pending'",
-                            (int(data.get("counted", 1)), data["error"][:500], now, row_id),
-                        )
+    def mark_outcomes(self, marks: Sequence[Marked], now: float) -> None:
+        """Apply delivery outcomes in one transaction, each by its transition in `policy.TRANSITIONS`:
+        only rows in a state the event may leave change (a row sent meanwhile stays sent)."""
+
+        def where(event: policy.Event) -> str:
+            return "WHERE id = ? AND state IN ({})".format(",".join(f"'{s}'" for s in policy.sources(event)))
+
+        def apply() -> None:
+            for mark in marks:
+                outcome, event = mark.outcome, policy.outcome_event(mark.outcome)
+                target = policy.transition(policy.State.IN_FLIGHT, event).value
+                uncertain = int(mark.uncertain)
+                if isinstance(outcome, policy.Sent):
+                    self._db.execute(
+                        "UPDATE events SET state = ?, serial_number = ?, sent_at = ?, updated_at = ?, "
+                        "attempts = attempts + 1, last_error = NULL, next_attempt_at = NULL, acceptance = ?, "
+                        f"answered_at = ? {where(event)}",
+                        (
+                            target,
+                            outcome.serial_number,
+                            now,
+                            now,
+                            "duplicate" if outcome.duplicate else "verified",
+                            mark.answered_at,
+                            mark.id,
+                        ),
+                    )
+                elif isinstance(outcome, policy.Dead):
+                    self._db.execute(
+                        "UPDATE events SET state = ?, attempts = attempts + 1, last_error = ?, "
+                        f"next_attempt_at = NULL, updated_at = ? {where(event)}",
+                        (target, policy.dead_reason(outcome)[:500], now, mark.id),
+                    )
+                elif isinstance(outcome, policy.Retry):
+                    self._db.execute(
+                        "UPDATE events SET state = ?, attempts = attempts + 1, next_attempt_at = ?, last_error = ?, "
+                        f"uncertain = max(uncertain, ?), updated_at = ? {where(event)}",
+                        (target, outcome.at, outcome.reason[:500], uncertain, now, mark.id),
+                    )
+                else:  # Pause: not the request's fault, no attempt counted, due again at once
+                    self._db.execute(
+                        "UPDATE events SET state = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
+                        f"{where(event)}",
+                        (target, now, outcome.reason[:500], now, mark.id),
+                    )
+
+        self._write(apply)
+
+    def requeue(
+        self,
+        ids: Sequence[int] | None,
+        now: float,
+        *,
+        include_pending: bool = False,
+        rebuild: Rebuild | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """Move dead requests (all when `ids` is None; with `include_pending`, pending ones too) back to
+        pending, due at once, keeping their out_serial_number; returns (re-queued ids, kept-body ids).
+
+        `rebuild(kind, body, camera, lane)` gives each a body built from the current config; a request that may
+        already have been accepted under its old body (`uncertain`) keeps it (SPEC §5). Due at once
+        (next attempt NULL), not at `now`: `edgeagent retry` reads the system clock while the daemon
+        schedules on the API-corrected one, which may be far behind it.
+        """
+        states = policy.sources(policy.Event.REQUEUE) if include_pending else (policy.State.DEAD.value,)
+        marks = ",".join("?" * len(states))
+
+        def apply() -> tuple[list[int], list[int]]:
+            sql = "SELECT id, kind, body, uncertain, camera, lane FROM events WHERE kind != 'rejected' "
+            sql += f"AND state IN ({marks})"
+            args: list[Any] = list(states)
+            if ids is not None:
+                sql += f" AND id IN ({','.join('?' * len(ids))})"
+                args += list(ids)
+            rows = self._db.execute(sql, args).fetchall()
+            kept: list[int] = []
+            for row in rows:
+                body = bytes(row[2])
+                if rebuild is not None:
+                    if row[3]:
+                        kept.append(int(row[0]))
                     else:
-                        raise ValueError(f"unknown outcome {kind!r}")
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
+                        body = rebuild(Kind(row[1]), body, row[4], row[5])
+                self._db.execute(
+                    "UPDATE events SET state = 'pending', next_attempt_at = NULL, updated_at = ?, requeued_at = ?, "
+                    "body = ? WHERE id = ?",
+                    (now, now, body, row[0]),
+                )
+            return [int(r[0]) for r in rows], kept
+
+        result: tuple[list[int], list[int]] = self._write(apply)
+        return result
 
     def requeue_dead(self, ids: Sequence[int] | None, now: float) -> list[int]:
-        """Move dead entries (all when `ids` is None) back to pending, keeping their out_serial_number.
+        """Dead requests back to pending, keeping number and body (`requeue` without its options)."""
+        return self.requeue(ids, now)[0]
 
-        They are due at once (next attempt NULL), not at `now`: `edgeagent retry` reads the system clock
-        while the daemon schedules on the API-corrected one, which may be far behind it.
-        """
-        try:
-            with self._transaction():
-                if ids is None:
-                    rows = self._db.execute("SELECT id FROM events WHERE state = 'dead'").fetchall()
-                else:
-                    marks = ",".join("?" * len(ids))
-                    rows = self._db.execute(
-                        f"SELECT id FROM events WHERE state = 'dead' AND id IN ({marks})", tuple(ids)
-                    ).fetchall()
-                moved = [int(r[0]) for r in rows]
-                self._db.executemany(
-                    "UPDATE events SET state = 'pending', next_attempt_at = NULL, updated_at = ?, requeued_at = ? "
-                    "WHERE id = ?",
-                    [(now, now, i) for i in moved],
-                )
-                return moved
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
+    def revive(self, ids: Sequence[int], now: float) -> list[int]:
+        """Dead members of a refusal run that turned into a pause: pending again, due at once, no age reset."""
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        states = ",".join(f"'{s}'" for s in policy.sources(policy.Event.REVIVE))
+
+        def apply() -> list[int]:
+            rows = self._db.execute(
+                f"SELECT id FROM events WHERE id IN ({marks}) AND state IN ({states})", tuple(ids)
+            ).fetchall()
+            self._db.executemany(
+                "UPDATE events SET state = 'pending', next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+                [(now, r[0]) for r in rows],
+            )
+            return [int(r[0]) for r in rows]
+
+        revived: list[int] = self._write(apply)
+        return revived
+
+    def requeued_since(self, since: float) -> bool:
+        """Whether a technician re-queued anything at or after `since` (system clock)."""
+        return bool(self._query("SELECT 1 FROM events WHERE requeued_at >= ? LIMIT 1", (since,)))
 
     def expire(self, now: float, max_age_s: float) -> int:
-        """Dead-letter pending entries journaled (or re-queued) more than `max_age_s` ago, as "expired"."""
-        try:
-            with self._transaction():
-                cur = self._db.execute(
-                    "UPDATE events SET state = 'dead', last_error = ?, next_attempt_at = NULL, updated_at = ? "
-                    "WHERE state = 'pending' AND coalesce(requeued_at, received_at) < ?",
-                    (f"expired: not delivered within max_entry_age_s={max_age_s:g}", now, now - max_age_s),
-                )
-                return cur.rowcount
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
+        """Dead-letter pending requests journaled (or re-queued) more than `max_age_s` ago, as "expired"."""
+        states = ",".join(f"'{s}'" for s in policy.sources(policy.Event.EXPIRE))
+
+        def apply() -> int:
+            cur = self._db.execute(
+                f"UPDATE events SET state = 'dead', last_error = ?, next_attempt_at = NULL, updated_at = ? "
+                f"WHERE state IN ({states}) AND coalesce(requeued_at, received_at) < ?",
+                (f"expired: not delivered within max_entry_age_s={max_age_s:g}", now, now - max_age_s),
+            )
+            return int(cur.rowcount)
+
+        expired: int = self._write(apply)
+        return expired
 
     def prune(self, now: float) -> int:
         """Delete sent and rejected rows older than 30 days, and the oldest rejected rows over the cap."""
-        try:
-            with self._transaction():
-                cur = self._db.execute(
-                    "DELETE FROM events WHERE state IN ('sent', 'rejected') AND updated_at < ?",
-                    (now - RETENTION_S,),
-                )
-                removed = cur.rowcount
-                cur = self._db.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE state = 'rejected' "
-                    "ORDER BY id DESC LIMIT -1 OFFSET ?)",
-                    (MAX_REJECTED_ROWS,),
-                )
-                return removed + cur.rowcount
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
+
+        def apply() -> int:
+            cur = self._db.execute(
+                "DELETE FROM events WHERE state IN ('sent', 'rejected') AND updated_at < ?",
+                (now - RETENTION_S,),
+            )
+            removed = cur.rowcount
+            cur = self._db.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE state = 'rejected' "
+                "ORDER BY id DESC LIMIT -1 OFFSET ?)",
+                (MAX_REJECTED_ROWS,),
+            )
+            return int(removed + cur.rowcount)
+
+        removed: int = self._write(apply)
+        return removed
 
     def uncorrected_agent_times(self) -> list[dict[str, Any]]:
         """Pending, never-attempted entries timed by an unsynchronised agent clock in this boot."""
         rows = self._query(
             "SELECT id, out_serial_number, received_mono, enter_timestamp, body FROM events "
-            "WHERE state = 'pending' AND time_source = 'agent' AND clock_synced = 0 AND time_corrected = 0 "
-            "AND attempts = 0 AND boot_id = ? AND received_mono IS NOT NULL",
+            "WHERE state = 'pending' AND kind = 'entry' AND time_source = 'agent' AND clock_synced = 0 "
+            "AND time_corrected = 0 AND attempts = 0 AND boot_id = ? AND received_mono IS NOT NULL",
             (self._boot_id,),
         )
         return [{key: row[key] for key in row.keys()} for row in rows]  # noqa: SIM118
 
     def correct_time(self, row_id: int, enter_timestamp: int, body: bytes, now: float) -> bool:
         """Replace an uncorrected entry's time and body; False if it was attempted meanwhile."""
-        try:
-            with self._transaction():
-                cur = self._db.execute(
-                    "UPDATE events SET enter_timestamp = ?, body = ?, time_corrected = 1, updated_at = ? "
-                    "WHERE id = ? AND state = 'pending' AND attempts = 0 AND time_corrected = 0",
-                    (enter_timestamp, body, now, row_id),
-                )
-                return cur.rowcount == 1
-        except sqlite3.Error as exc:
-            raise _translate(exc) from exc
+
+        def apply() -> bool:
+            cur = self._db.execute(
+                "UPDATE events SET enter_timestamp = ?, body = ?, time_corrected = 1, updated_at = ? "
+                "WHERE id = ? AND state = 'pending' AND attempts = 0 AND time_corrected = 0",
+                (enter_timestamp, body, now, row_id),
+            )
+            return cur.rowcount == 1
+
+        done: bool = self._write(apply)
+        return done
 
     # -- reading (status, events, tests) -------------------------------------------------------
 
@@ -509,16 +673,23 @@ class Journal:
         """The `queue` part of `status` (SPEC §7)."""
         counts = self.counts()
         oldest = self._query("SELECT min(received_at) FROM events WHERE state = 'pending'")[0][0]
-        sent_24h = self._query("SELECT count(*) FROM events WHERE state = 'sent' AND sent_at >= ?", (now - 86400,))[0][
-            0
-        ]
+        sent_24h = self._query("SELECT count(*) FROM events WHERE state = 'sent' AND sent_at >= ?", (now - 86400,))
         return {
             "pending": counts["pending"],
             "oldest_pending_age_s": None if oldest is None else round(max(0.0, now - oldest), 1),
             "dead": counts["dead"],
             "rejected": counts["rejected"],
-            "sent_24h": int(sent_24h),
+            "sent_24h": int(sent_24h[0][0]),
         }
+
+    def latencies(self, kind: Kind, since: float) -> list[float]:
+        """Seconds from camera read (receipt) to verified answer, of `kind` requests answered since `since`."""
+        rows = self._query(
+            "SELECT answered_at - received_at FROM events WHERE kind = ? AND answered_at >= ? "
+            "AND acceptance = 'verified' ORDER BY 1",
+            (kind.value, since),
+        )
+        return [max(0.0, float(r[0])) for r in rows]
 
     def camera_summary(self, now: float) -> dict[str, tuple[float, int]]:
         """Per camera: (last read time, reads in the last 24 h), counting entries and rejected reads."""
@@ -529,23 +700,15 @@ class Journal:
         )
         return {r[0]: (float(r[1]), int(r[2] or 0)) for r in rows}
 
-    def last_error(self) -> dict[str, Any] | None:
-        """The most recent delivery error still standing on a pending or dead entry."""
-        rows = self._query(
-            "SELECT id, last_error, updated_at FROM events WHERE state IN ('pending', 'dead') "
-            "AND last_error IS NOT NULL ORDER BY updated_at DESC LIMIT 1"
-        )
-        return None if not rows else {"id": rows[0][0], "error": rows[0][1], "at": rows[0][2]}
-
     def events(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """Journal rows, newest first, as dicts with the `events --json` fields (SPEC §2)."""
+        """Journal rows, newest first, as plain dicts of their columns (presentation is the caller's)."""
         where, args = ("WHERE state = ?", [state]) if state else ("", [])
-        rows = self._query(f"SELECT {ENTRY_COLUMNS} FROM events {where} ORDER BY id DESC LIMIT ?", [*args, limit])
-        return [_row_dict(row) for row in rows]
+        rows = self._query(f"SELECT {COLUMNS} FROM events {where} ORDER BY id DESC LIMIT ?", [*args, limit])
+        return [{key: row[key] for key in row.keys()} for row in rows]  # noqa: SIM118
 
     def get(self, row_id: int) -> dict[str, Any] | None:
-        rows = self._query(f"SELECT {ENTRY_COLUMNS} FROM events WHERE id = ?", (row_id,))
-        return _row_dict(rows[0]) if rows else None
+        rows = self._query(f"SELECT {COLUMNS} FROM events WHERE id = ?", (row_id,))
+        return {key: rows[0][key] for key in rows[0].keys()} if rows else None  # noqa: SIM118
 
     def body_of(self, row_id: int) -> bytes | None:
         rows = self._query("SELECT body FROM events WHERE id = ?", (row_id,))
@@ -557,42 +720,3 @@ class Journal:
 
     def integrity_check(self) -> str:
         return str(self._query("PRAGMA integrity_check")[0][0])
-
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
-
-
-def _row_dict(row: sqlite3.Row) -> dict[str, Any]:
-    data = {key: row[key] for key in row.keys()}  # noqa: SIM118 - sqlite3.Row is not a Mapping
-    data["received_at"] = _iso(data["received_at"])
-    data["updated_at"] = _iso(data["updated_at"])
-    data["sent_at"] = _iso(data["sent_at"])
-    data["next_attempt_at"] = _iso(data["next_attempt_at"])
-    if data["state"] == EntryState.REJECTED:
-        for key in (
-            "out_serial_number",
-            "plate_color",
-            "vehicle_type",
-            "car_type",
-            "entrance_number",
-            "entrance_name",
-            "enter_timestamp",
-            "time_source",
-            "clock_synced",
-            "attempts",
-            "next_attempt_at",
-            "last_error",
-            "serial_number",
-            "sent_at",
-            "time_corrected",
-        ):
-            data.pop(key, None)
-    else:
-        data.pop("reason", None)
-        data.pop("detail", None)
-        data["clock_synced"] = bool(data["clock_synced"])
-        data["time_corrected"] = bool(data["time_corrected"])
-    return data

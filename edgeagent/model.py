@@ -73,7 +73,7 @@ class Reason(enum.StrEnum):
     LOW_CONFIDENCE = "low_confidence"
     UNKNOWN_CAMERA = "unknown_camera"
     UNMAPPED_LANE = "unmapped_lane"
-    TIME_IN_FUTURE = "time_in_future"
+    TIME_IN_FUTURE = "time_in_future"  # no longer produced (issue 9: the agent's time is used); old rows keep it
     REPEAT = "repeat"
 
 
@@ -137,3 +137,18 @@ class Rejection:
     plate_number: str | None = None
     repeat_of: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+REJECTED_PAYLOAD_CAP = 4096  # bytes of a rejected payload kept for inspection (SPEC §6 "capped in size")
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """What the journal keeps about the message a record came from."""
+
+    topic: str
+    received_at: float
+    payload_sha256: str
+    payload_size: int
+    payload_excerpt: bytes  # already redacted and capped; stored for rejected rows only
+    received_mono: float | None = None  # time.monotonic() at receipt, meaningful within `boot_id` only

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from edgeagent import decoders
 from edgeagent.config import CameraConfig, Config
 from edgeagent.errors import DecodeError
-from edgeagent.journal import REJECTED_PAYLOAD_CAP, Inbound
-from edgeagent.model import Entry, Ignored, PlateRead, Reason, Rejection
+from edgeagent.model import REJECTED_PAYLOAD_CAP, Entry, Ignored, Inbound, PlateRead, Reason, Rejection
 from edgeagent.routing import Router
 from edgeagent.screening import CarTypeLists, screen
 

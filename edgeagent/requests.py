@@ -16,10 +16,11 @@ import enum
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
+from edgeagent.config import EntranceConfig
 from edgeagent.model import CarType, Entry, PlateColor, VehicleType
 
 ENTRY_PATH = "/v3/parking/reminders/entry"
@@ -224,6 +225,26 @@ def entry_body(entry: Entry, out_serial_number: str) -> bytes:
     return build_entry_body(entry_request(entry, out_serial_number))
 
 
+def rebuild_entry_body(body: bytes, parking_id: str, entrance: EntranceConfig | None) -> bytes:
+    """An entry body with its config-sourced fields taken from the current config (`retry --rebuild`).
+
+    The car's own fields (number, plate, colour, types, time) stay as they were journaled. `entrance`
+    is the entrance its camera and lane map to now; None keeps the journaled entrance fields.
+    """
+    old = parse_entry_body(body)
+    if entrance is None:
+        return build_entry_body(replace(old, parking_id=parking_id))
+    return build_entry_body(
+        replace(
+            old,
+            parking_id=parking_id,
+            entrance_number=entrance.number,
+            entrance_name=entrance.name,
+            discount_template_id=entrance.discount_template_id,
+        )
+    )
+
+
 # -- exit: POST /v3/parking/reminders/exit (§1.5) ------------------------------------------------
 
 EXIT_FIELDS = ("out_serial_number", "exit_timestamp", "plate_number", "plate_color", "parking_id")
@@ -271,6 +292,11 @@ LOT_STATES = ("ENABLED_STATE_UNKNOWN", "ENABLED_STATE_NOT_ENABLED", "ENABLED_STA
 LOT_ENABLED = "ENABLED_STATE_ENABLED"
 
 
+def rebuild_exit_body(body: bytes, parking_id: str) -> bytes:
+    """An exit body with the current config's parking_id (`retry --rebuild`); the rest is the entry's."""
+    return build_exit_body(replace(parse_exit_body(body), parking_id=parking_id))
+
+
 def parking_lot_target(parking_id: str) -> str:
     """The request target of the lot query for our `parking_id`, percent-encoded as it is sent.
 
@@ -290,14 +316,8 @@ class LotState:
     name: str = ""
 
 
-def parse_lot(body: bytes) -> LotState:
+def parse_lot(doc: Mapping[str, object]) -> LotState:
     """The lot query's answer document; raises BodyError when `enabled_state` is missing or unknown."""
-    try:
-        doc = json.loads(body)
-    except ValueError:
-        raise BodyError("body", "not JSON") from None
-    if not isinstance(doc, dict):
-        raise BodyError("body", "not a JSON object")
     state = doc.get("enabled_state")
     if state not in LOT_STATES:
         raise BodyError("enabled_state", f"{state!r} is not one of {', '.join(LOT_STATES)}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from edgeagent import plates
 from edgeagent.config import CameraConfig, EntranceConfig, ParkingConfig
-from edgeagent.model import CarType, Entry, PlateColor, PlateRead, Reason, TimeSource, VehicleType
+from edgeagent.model import CarType, Entry, PlateColor, PlateRead, Reason, Rejection, TimeSource, VehicleType
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +33,44 @@ class Screened:
     plate: str | None = None
 
 
-def entry_time(read: PlateRead, parking: ParkingConfig, now: float, clock_synced: bool) -> tuple[int, TimeSource] | str:
-    """`enter_timestamp` and its source per `timestamp_source`, or a detail string for a future time."""
+def entry_time(read: PlateRead, parking: ParkingConfig, now: float, clock_synced: bool) -> tuple[int, TimeSource]:
+    """`enter_timestamp` and its source per `timestamp_source` (SPEC §3, §5)."""
     camera_time = read.captured_at
     if parking.timestamp_source == "agent" or camera_time is None:
         return int(now), TimeSource.AGENT
-    # A camera time far ahead of a synchronised agent clock is a broken camera clock or a bad field:
-    # no car enters in the future. An unsynchronised agent clock (no RTC after a power cut) is the
-    # less trustworthy of the two, so then the camera's time stands.
-    if clock_synced and camera_time > now + CAMERA_TIME_TOLERANCE_S:
-        return f"camera time {int(camera_time)} is {int(camera_time - now)} s ahead of the agent's clock"
-    if parking.timestamp_source == "camera" or not clock_synced:
+    # An unsynchronised agent clock (no RTC after a power cut) is the less trustworthy of the two: then
+    # the camera's time stands.
+    if not clock_synced:
         return int(camera_time), TimeSource.CAMERA
-    # auto: offline re-sends carry the real entry time, however old (anpr-formats.md §13.5).
-    if read.is_replay or abs(camera_time - now) <= CAMERA_TIME_TOLERANCE_S:
+    # No car enters in the future: a camera time more than 300 s ahead of a synchronised clock is a broken
+    # camera clock, and the car is reported with the agent's time (recorded as such), never lost
+    # (SPEC §5 "a camera clock that is wrong never loses an entry").
+    if camera_time > now + CAMERA_TIME_TOLERANCE_S:
+        return int(now), TimeSource.AGENT
+    # auto: offline re-sends carry the real entry time, however old (anpr-formats.md §13.5); any other
+    # camera time more than 300 s away from ours is the camera's clock being wrong.
+    if parking.timestamp_source == "camera" or read.is_replay or abs(camera_time - now) <= CAMERA_TIME_TOLERANCE_S:
         return int(camera_time), TimeSource.CAMERA
     return int(now), TimeSource.AGENT
+
+
+def repeat_of(entry: Entry, recent: Callable[[str, float, float], int | None], window_s: float) -> Rejection | None:
+    """The repeat rule (SPEC §2 guarantee 2): the same plate entering again within `window_s` of an
+    entry already journaled is the same car at the barrier, kept as a `repeat` rejection."""
+    if window_s <= 0:
+        return None
+    earlier = recent(entry.plate_number, entry.enter_timestamp - window_s, entry.enter_timestamp + window_s)
+    if earlier is None:
+        return None
+    return Rejection(
+        entry.camera,
+        entry.lane,
+        entry.dedup_key,
+        Reason.REPEAT,
+        f"same plate as entry #{earlier} within {window_s:g} s",
+        plate_number=entry.plate_number,
+        repeat_of=earlier,
+    )
 
 
 def screen(
@@ -72,10 +94,7 @@ def screen(
     threshold = camera.min_confidence if camera.min_confidence is not None else parking.min_confidence
     if read.confidence is not None and read.confidence < threshold:
         return Screened(None, Reason.LOW_CONFIDENCE, f"confidence {read.confidence:.2f} < {threshold:.2f}", plate)
-    when = entry_time(read, parking, now, clock_synced)
-    if isinstance(when, str):
-        return Screened(None, Reason.TIME_IN_FUTURE, when, plate)
-    enter_timestamp, time_source = when
+    enter_timestamp, time_source = entry_time(read, parking, now, clock_synced)
     color = read.color if read.color not in (None, PlateColor.UNKNOWN) else plates.color_from_plate(plate)
     vehicle_type = (
         entrance.vehicle_type

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from edgeagent import __version__
 from edgeagent.config import Config
 from edgeagent.errors import JournalError
 from edgeagent.journal import Journal
+from edgeagent.requests import LOT_ENABLED, Kind
 
 HEARTBEAT_FILE = "daemon.json"
 HEARTBEAT_STALE_S = 60.0  # a daemon that has not written its heartbeat for this long is hung
@@ -25,6 +27,93 @@ CLOCK_OFFSET_WARN_S = 60.0
 MQTT_DOWN_GRACE_S = 15.0
 LOW_DISK_BYTES = 50 * 1024 * 1024
 LOW_DISK_FRACTION = 0.02
+
+
+class DaemonView(TypedDict):
+    running: bool
+    pid: int | None
+    since: str | None
+
+
+class QueueView(TypedDict):
+    pending: int
+    oldest_pending_age_s: float | None
+    dead: int
+    rejected: int
+    sent_24h: int
+
+
+class CameraView(TypedDict):
+    id: str
+    last_read_at: str | None
+    reads_24h: int
+
+
+class LotView(TypedDict):
+    """`GET /v3/parking/reminders/parking-lot` as last polled by the daemon (SPEC §7)."""
+
+    enabled_state: str | None
+    reason: str | None
+    checked_at: str | None
+    error: str | None
+
+
+class LatencyView(TypedDict):
+    """Camera read → verified answer over the last 24 h, in seconds (SPEC §7)."""
+
+    entry_p50_s: float | None
+    entry_p95_s: float | None
+    exit_p50_s: float | None
+    exit_p95_s: float | None
+
+
+class StatusView(TypedDict):
+    """The SPEC §7 status object; `mqtt`, `uplink` and `clock` are the daemon's heartbeat as it wrote them."""
+
+    state: str
+    version: str
+    problems: list[str]
+    daemon: DaemonView
+    mqtt: dict[str, Any]
+    uplink: dict[str, Any]
+    clock: dict[str, Any]
+    queue: QueueView
+    cameras: list[CameraView]
+    lot: LotView
+    latency: LatencyView
+    disk: dict[str, Any]
+    last_error: str | None
+    client_id: NotRequired[str]  # in the retained copy on mqtt.status_topic: whose status it is
+
+
+# What status shows for a part the daemon did not report (not running, or an old heartbeat): one
+# fallback per part, used wherever the part is missing.
+NO_MQTT: dict[str, Any] = {"connected": False, "last_message_at": None}
+NO_UPLINK: dict[str, Any] = {"last_success_at": None, "last_error": None, "base_url_in_use": None, "paused": False}
+NO_CLOCK: dict[str, Any] = {"synchronized": None, "offset_s": None}
+NO_LOT: LotView = {"enabled_state": None, "reason": None, "checked_at": None, "error": None}
+NO_QUEUE: QueueView = {"pending": 0, "oldest_pending_age_s": None, "dead": 0, "rejected": 0, "sent_24h": 0}
+NO_LATENCY: LatencyView = {"entry_p50_s": None, "entry_p95_s": None, "exit_p50_s": None, "exit_p95_s": None}
+
+
+def percentile(sorted_values: Sequence[float], fraction: float) -> float | None:
+    """The nearest-rank percentile of an ascending list, or None for an empty one."""
+    if not sorted_values:
+        return None
+    rank = max(1, min(len(sorted_values), int(fraction * len(sorted_values) + 0.999999)))
+    return round(sorted_values[rank - 1], 3)
+
+
+def latency_view(journal: Journal, now: float) -> LatencyView:
+    """Entry and exit latency over the last 24 h, from the journal."""
+    entries = journal.latencies(Kind.ENTRY, now - 86400)
+    exits = journal.latencies(Kind.EXIT, now - 86400)
+    return {
+        "entry_p50_s": percentile(entries, 0.5),
+        "entry_p95_s": percentile(entries, 0.95),
+        "exit_p50_s": percentile(exits, 0.5),
+        "exit_p95_s": percentile(exits, 0.95),
+    }
 
 
 def iso(ts: float | None) -> str | None:
@@ -97,12 +186,13 @@ def build(
     config: Config,
     heartbeat: dict[str, Any] | None,
     daemon_alive: bool,
-    queue: dict[str, Any] | None,
+    queue: QueueView | None,
     cameras: dict[str, tuple[float, int]],
     journal_error: str | None,
     now: float,
     disk: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    latency: LatencyView | None = None,
+) -> StatusView:
     """The SPEC §7 status object, with `problems`: what a technician should look at, worst first."""
     hb = heartbeat or {}
     down: list[str] = []
@@ -112,7 +202,7 @@ def build(
         down.append("daemon not running (start it: systemctl start edgeagent)")
     elif now - float(hb.get("heartbeat", 0)) > HEARTBEAT_STALE_S:
         down.append(f"daemon not responding (last heartbeat {int(now - float(hb.get('heartbeat', 0)))} s ago)")
-    mqtt = dict(hb.get("mqtt") or {"connected": False, "last_message_at": None})
+    mqtt = dict(hb.get("mqtt") or NO_MQTT)
     if not running:
         mqtt["connected"] = False  # a dead process's last heartbeat is history, not the link's state
     if running and not mqtt.get("connected") and now - float(hb.get("started", now)) > MQTT_DOWN_GRACE_S:
@@ -126,19 +216,23 @@ def build(
         down.append(f"journal not writable, delivery outcomes waiting: {hb['uplink']['journal_error']}")
     if disk and disk.get("low"):
         degraded.append(f"disk space low in {disk['state_dir']}: {disk['free_bytes'] // (1024 * 1024)} MiB free")
-    uplink = dict(hb.get("uplink") or {"last_success_at": None, "last_error": None, "base_url_in_use": None})
+    uplink = dict(hb.get("uplink") or NO_UPLINK)
     if uplink.get("paused"):
         degraded.append(f"delivery paused: {uplink.get('pause_cause') or uplink.get('last_error')}")
-    clock = dict(hb.get("clock") or {"synchronized": None, "offset_s": None})
+    lot: LotView = {**NO_LOT, **(hb.get("lot") or {})}
+    if lot["enabled_state"] is not None and lot["enabled_state"] != LOT_ENABLED:
+        degraded.append(f"WeChat lists the lot as {lot['enabled_state']}: {lot['reason'] or 'no reason given'}")
+    clock = dict(hb.get("clock") or NO_CLOCK)
     if clock.get("offset_s") is not None and abs(float(clock["offset_s"])) > CLOCK_OFFSET_WARN_S:
         degraded.append(f"clock is {float(clock['offset_s']):+.0f} s off the API's clock")
-    q = queue or {"pending": 0, "oldest_pending_age_s": None, "dead": 0, "rejected": 0, "sent_24h": 0}
-    if (q.get("oldest_pending_age_s") or 0) > OLDEST_PENDING_WARN_S:
-        degraded.append(f"{q['pending']} entries pending, oldest {int(q['oldest_pending_age_s'])} s")
+    q = queue or NO_QUEUE
+    oldest = q["oldest_pending_age_s"]
+    if oldest is not None and oldest > OLDEST_PENDING_WARN_S:
+        degraded.append(f"{q['pending']} entries pending, oldest {int(oldest)} s")
     if q.get("dead"):
         degraded.append(f"{q['dead']} dead-lettered entries (see: edgeagent events --state dead)")
     state = "down" if down else "degraded" if degraded else "ok"
-    camera_list = []
+    camera_list: list[CameraView] = []
     for cam in config.cameras:
         last, reads = cameras.get(cam.id, (None, 0))
         camera_list.append({"id": cam.id, "last_read_at": iso(last), "reads_24h": reads})
@@ -156,32 +250,47 @@ def build(
         "clock": clock,
         "queue": q,
         "cameras": camera_list,
+        "lot": lot,
+        "latency": latency or NO_LATENCY,
         "disk": disk or {},
         "last_error": (down + degraded + [None])[0] if (down or degraded) else hb.get("last_error"),
     }
 
 
-def collect(config: Config, now: float | None = None) -> dict[str, Any]:
+def from_journal(
+    journal: Journal, now: float, *, latency: bool = True
+) -> tuple[QueueView | None, dict[str, tuple[float, int]], LatencyView | None, str | None]:
+    """The countable parts of status: (queue, cameras, latency unless not asked for, journal error)."""
+    try:
+        queue: QueueView = journal.queue_summary(now)  # type: ignore[assignment]
+        lat = latency_view(journal, now) if latency else None
+        return queue, journal.camera_summary(now), lat, None
+    except JournalError as exc:
+        return None, {}, None, str(exc)
+
+
+def collect(config: Config, now: float | None = None) -> StatusView:
     """Read the heartbeat and the journal (read-only) and build the status object."""
     now = time.time() if now is None else now
     heartbeat = read_heartbeat(config.state_dir)
     alive = heartbeat is not None and pid_is_edgeagent(int(heartbeat.get("pid", 0)))
-    queue: dict[str, Any] | None = None
+    queue: QueueView | None = None
     cameras: dict[str, tuple[float, int]] = {}
+    latency: LatencyView | None = None
     journal_error = None
     if config.journal_path.exists():
         try:
             journal = Journal(config.journal_path, readonly=True)
             try:
-                queue = journal.queue_summary(now)
-                cameras = journal.camera_summary(now)
+                queue, cameras, latency, journal_error = from_journal(journal, now)
             finally:
                 journal.close()
         except JournalError as exc:
             journal_error = str(exc)
     elif alive:
         journal_error = f"{config.journal_path} does not exist"
-    return build(config, heartbeat, alive, queue, cameras, journal_error, now, disk_view(config.state_dir))
+    disk = disk_view(config.state_dir)
+    return build(config, heartbeat, alive, queue, cameras, journal_error, now, disk, latency)
 
 
 def _age(iso_time: str | None, now: float) -> str:
@@ -201,7 +310,7 @@ def _age(iso_time: str | None, now: float) -> str:
     return f"{seconds // 86400}d ago"
 
 
-def render_text(status: dict[str, Any], now: float | None = None) -> str:
+def render_text(status: StatusView, now: float | None = None) -> str:
     """The human view: state and problems first, then one line per part; fits an 80×24 terminal."""
     now = time.time() if now is None else now
     lines = [f"edgeagent {status['version']}: {status['state'].upper()}"]
@@ -222,12 +331,20 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
     lines.append(f"uplink   {uplink}"[:80])
     if u.get("last_error"):
         lines.append(f"         last error: {u['last_error']}"[:80])
+    lot, lat = status["lot"], status["latency"]
+    wechat = f"lot {lot['enabled_state'] or 'not checked yet'}"
+    if lot["reason"]:
+        wechat += f" ({lot['reason']})"
+    if lat["entry_p50_s"] is not None:
+        wechat += f", entry latency p50 {lat['entry_p50_s']:.1f}s p95 {lat['entry_p95_s']:.1f}s"
+    lines.append(f"wechat   {wechat}"[:80])
     c = status["clock"]
     offset = "unknown" if c.get("offset_s") is None else f"{float(c['offset_s']):+.1f}s"
     synced = {True: "synchronised", False: "NOT synchronised", None: "unknown"}[c.get("synchronized")]
     lines.append(f"clock    {synced}, offset to API {offset}")
     q = status["queue"]
-    oldest = "" if q.get("oldest_pending_age_s") is None else f" (oldest {int(q['oldest_pending_age_s'])}s)"
+    age = q["oldest_pending_age_s"]
+    oldest = "" if age is None else f" (oldest {int(age)}s)"
     lines.append(
         f"queue    {q['pending']} pending{oldest}, {q['sent_24h']} sent 24h, {q['dead']} dead, {q['rejected']} rejected"
     )
@@ -246,3 +363,32 @@ def render_text(status: dict[str, Any], now: float | None = None) -> str:
     if len(cams) > 10:
         lines.append(f"  … and {len(cams) - 10} more (edgeagent status --json)")
     return "\n".join(lines[:24])
+
+
+_ENTRY_ONLY = (
+    "out_serial_number", "plate_color", "vehicle_type", "car_type", "entrance_number", "entrance_name",
+    "enter_timestamp", "time_source", "clock_synced", "attempts", "next_attempt_at", "last_error", "serial_number",
+    "sent_at", "time_corrected", "depends_on", "uncertain", "acceptance", "answered_at",
+)  # fmt: skip
+
+
+def event_view(row: dict[str, Any]) -> dict[str, Any]:
+    """One journal row as `events --json` shows it (SPEC §2): times in ISO 8601, only the fields of its kind."""
+    data = dict(row)
+    for key in ("received_at", "updated_at", "sent_at", "next_attempt_at", "answered_at"):
+        if key in data:
+            data[key] = iso(data[key])
+    if data["state"] == "rejected":
+        for key in _ENTRY_ONLY:
+            data.pop(key, None)
+        return data
+    data.pop("reason", None)
+    data.pop("detail", None)
+    data["clock_synced"] = bool(data["clock_synced"])
+    data["time_corrected"] = bool(data["time_corrected"])
+    data["uncertain"] = bool(data["uncertain"])
+    if data.get("acceptance") == "duplicate":
+        # Refused as an already used number after an attempt that got no verified answer: WeChat has it,
+        # but the serial_number it gave that attempt never reached us (SPEC §5).
+        data["serial_number_note"] = "accepted by an earlier attempt; serial_number unknown"
+    return data

@@ -1,9 +1,10 @@
 """The uplink adapter: one `httpx.Client` to the WeChat Pay API, TLS always verified.
 
-It sends exactly the bytes it is given, fails over from `base_url` to `backup_base_url` when the
-primary cannot be reached (and goes back after a while), and turns every answer's `Date` header
-into a clock offset (SPEC §5). httpx errors become `Retryable` here; judging an answer is
-`wechatpay.classify`'s job, not this module's.
+It sends exactly the bytes it is given to exactly the target it was given (already percent-encoded:
+the signature covers it as sent), fails over from `base_url` to `backup_base_url` when the primary
+cannot be reached (and goes back after a while), and returns what came back as a `policy.Answer`,
+or a `policy.Failure` when nothing did. It learns nothing from an answer: judging it, and learning
+the API's clock from it once its signature verified (SPEC §5), is `policy`'s and `clock`'s job.
 """
 
 from __future__ import annotations
@@ -11,31 +12,18 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-import time
-from dataclasses import dataclass
 
 import httpx
 
 from edgeagent import __version__
-from edgeagent.clock import Clock, parse_http_date
+from edgeagent.clock import Clock
 from edgeagent.config import WeChatPayConfig
-from edgeagent.errors import Blocked, Retryable
+from edgeagent.policy import Answer, Failure, Reply
 
 log = logging.getLogger(__name__)
 
 FAILOVER_HOLD_S = 300.0  # stay on the backup domain this long before trying the primary again
 USER_AGENT = f"edgeagent/{__version__} (parking-gate agent; python-httpx/{httpx.__version__})"
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """An HTTP answer as received: status, headers (lower-case names), raw body, where and when."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
-    base_url: str
-    elapsed_s: float
 
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -69,7 +57,7 @@ class Uplink:
     @property
     def base_url_in_use(self) -> str:
         with self._lock:
-            if self._on_backup_since is not None and time.monotonic() - self._on_backup_since > FAILOVER_HOLD_S:
+            if self._on_backup_since is not None and self._clock.monotonic() - self._on_backup_since > FAILOVER_HOLD_S:
                 log.info("uplink_failback base_url=%s", self._config.base_url)
                 self._on_backup_since = None
             return self._config.backup_base_url if self._on_backup_since is not None else self._config.base_url
@@ -80,40 +68,38 @@ class Uplink:
             return
         with self._lock:
             if failed == self._config.base_url and self._on_backup_since is None:
-                self._on_backup_since = time.monotonic()
+                self._on_backup_since = self._clock.monotonic()
                 log.warning("uplink_failover from=%s to=%s", failed, backup)
             elif failed == backup and self._on_backup_since is not None:
                 self._on_backup_since = None  # the backup is down too: the primary is as good a bet
                 log.warning("uplink_failover from=%s to=%s", failed, self._config.base_url)
 
-    def request(self, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> Answer:
-        """Send one request to the domain in use. Connection-level failures raise `Retryable`."""
+    def request(self, method: str, target: str, headers: dict[str, str], body: bytes = b"") -> Reply:
+        """Send one request to the domain in use; never raises for the network's sake."""
         base = self.base_url_in_use
-        sent_at = time.time()
-        started = time.monotonic()
+        sent_at = self._clock.system()
         try:
+            # httpx.URL would re-encode a target it finds unencoded; ours is encoded already (requests.py),
+            # so what goes on the wire is the text that was signed.
             response = self._client.request(method, base + target, headers=headers, content=body or None)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             if "CERTIFICATE_VERIFY_FAILED" in str(exc):
                 # An untrusted certificate is a configuration (or interception) problem, not a flaky
                 # network: pause delivery and say so, like a 401, instead of burning attempts.
-                raise Blocked(f"{base}: {_reason(exc)}") from exc
+                return Failure(f"{base}: {_reason(exc)}", blocked=True)
             self._switch(base)
-            raise Retryable(f"cannot connect to {base}: {_reason(exc)}") from exc
-        except httpx.TimeoutException as exc:
-            raise Retryable(f"timeout after {self._config.timeout_s:g} s talking to {base}") from exc
+            return Failure(f"cannot connect to {base}: {_reason(exc)}")
+        except httpx.TimeoutException:
+            return Failure(f"timeout after {self._config.timeout_s:g} s talking to {base}")
         except httpx.HTTPError as exc:
-            raise Retryable(f"connection to {base} failed: {_reason(exc)}") from exc
-        received_at = time.time()
-        server_time = parse_http_date(response.headers.get("date", ""))
-        if server_time is not None:
-            self._clock.learn(server_time, sent_at, received_at)
+            return Failure(f"connection to {base} failed: {_reason(exc)}")
         return Answer(
             status=response.status_code,
             headers={k.lower(): v for k, v in response.headers.items()},
             body=response.content,
             base_url=base,
-            elapsed_s=time.monotonic() - started,
+            sent_at=sent_at,
+            received_at=self._clock.system(),
         )
 
 

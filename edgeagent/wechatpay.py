@@ -32,6 +32,7 @@ _AUTH_PARAMS = re.compile(rf"{_AUTH_ITEM}(?:,{_AUTH_ITEM})*")
 _AUTH_KEYS = frozenset({"mchid", "nonce_str", "signature", "timestamp", "serial_no"})
 _PROBE_PREFIX = "WECHATPAY/SIGNTEST/"  # §3.5: probe traffic, verified (and failed) like anything else
 
+
 class UnknownSerial(ResponseUnverified):
     """The answer is signed with a key we do not hold; refresh platform certificates, then retry."""
 

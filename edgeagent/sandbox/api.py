@@ -43,8 +43,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-from edgeagent.sandbox.ca import Materials
 from edgeagent.requests import ENTRY_PATH, BodyError, EntryRequest, build_entry_body, parse_entry_body
+from edgeagent.sandbox.ca import Materials
 from edgeagent.wechatpay import (
     FRESHNESS_S,
     SCHEME,
