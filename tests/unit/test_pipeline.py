@@ -12,8 +12,17 @@ import pytest
 
 from edgeagent import decoders
 from edgeagent.config import CameraConfig, Config, load
-from edgeagent.journal import REJECTED_PAYLOAD_CAP
-from edgeagent.model import Entry, Ignored, PlateColor, PlateRead, Reason, Rejection, TimeSource, VehicleType
+from edgeagent.model import (
+    REJECTED_PAYLOAD_CAP,
+    Entry,
+    Ignored,
+    PlateColor,
+    PlateRead,
+    Reason,
+    Rejection,
+    TimeSource,
+    VehicleType,
+)
 from edgeagent.pipeline import Pipeline, Processed, dedup_key, record_scope, redact
 from edgeagent.routing import Router
 from edgeagent.screening import CarTypeLists
@@ -80,10 +89,11 @@ def test_time_in_milliseconds_is_converted_to_seconds(pipeline: Pipeline) -> Non
     assert (e.enter_timestamp, e.time_source) == (int(NOW - 30), TimeSource.CAMERA)
 
 
-def test_time_in_the_future_is_rejected(pipeline: Pipeline) -> None:
-    rej = rejection(process(pipeline, SOUTH, {"plate": "粤B12345", "time": NOW + 3600}))
-    assert rej.reason is Reason.TIME_IN_FUTURE
-    assert rej.plate_number == "粤B12345"
+def test_time_in_the_future_is_an_entry_at_the_agents_time(pipeline: Pipeline) -> None:
+    # A wrong camera clock never loses an entry (SPEC §5): the car is reported with the agent's time.
+    entry = process(pipeline, SOUTH, {"plate": "粤B12345", "time": NOW + 3600}).outcome
+    assert isinstance(entry, Entry)
+    assert (entry.plate_number, entry.enter_timestamp, entry.time_source) == ("粤B12345", int(NOW), TimeSource.AGENT)
 
 
 # -- size cap and decode errors --------------------------------------------------------------------

@@ -100,13 +100,14 @@ def test_camera_minimum_overrides_the_lot_minimum() -> None:
 # -- enter_timestamp (SPEC §3 timestamp_source) ----------------------------------------------------
 
 
-def test_camera_time_far_in_the_future_is_rejected_when_the_clock_is_synced() -> None:
+def test_camera_time_far_in_the_future_uses_the_agents_time_when_the_clock_is_synced() -> None:
     ahead = NOW + CAMERA_TIME_TOLERANCE_S + 1
     result = run(PlateRead("粤B12345", captured_at=ahead))
-    assert result.entry is None
-    assert result.reason is Reason.TIME_IN_FUTURE
-    assert result.detail == f"camera time {int(ahead)} is 301 s ahead of the agent's clock"
-    assert result.plate == "粤B12345"
+    assert result.entry is not None, "a wrong camera clock must never lose the car (SPEC §5)"
+    assert (result.entry.enter_timestamp, result.entry.time_source) == (int(NOW), TimeSource.AGENT)
+    # An offline re-send from the future is no more believable.
+    replay = run(PlateRead("粤B12345", captured_at=ahead, is_replay=True))
+    assert replay.entry is not None and replay.entry.time_source is TimeSource.AGENT
     # Within the tolerance the camera's time stands.
     near = run(PlateRead("粤B12345", captured_at=NOW + CAMERA_TIME_TOLERANCE_S))
     assert near.entry is not None and near.entry.enter_timestamp == int(NOW + CAMERA_TIME_TOLERANCE_S)
@@ -141,9 +142,13 @@ def test_timestamp_source(
     assert (result.entry.enter_timestamp, result.entry.time_source) == expected
 
 
-def test_future_time_is_rejected_even_for_timestamp_source_camera() -> None:
+def test_future_time_uses_the_agents_time_even_for_timestamp_source_camera() -> None:
     parking = dataclasses.replace(PARKING, timestamp_source="camera")
-    assert run(PlateRead("粤B12345", captured_at=NOW + 3600), parking=parking).reason is Reason.TIME_IN_FUTURE
+    entry = run(PlateRead("粤B12345", captured_at=NOW + 3600), parking=parking).entry
+    assert entry is not None and (entry.enter_timestamp, entry.time_source) == (int(NOW), TimeSource.AGENT)
+    # In the past, however far, "camera" means the camera's time.
+    old = run(PlateRead("粤B12345", captured_at=NOW - 7200), parking=parking).entry
+    assert old is not None and (old.enter_timestamp, old.time_source) == (int(NOW - 7200), TimeSource.CAMERA)
 
 
 # -- plate_color and vehicle_type (SPEC §4) --------------------------------------------------------

@@ -14,12 +14,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 from cryptography.x509.oid import NameOID
 
+from edgeagent import requests as rq
 from edgeagent import wechatpay as wp
-from edgeagent.errors import Blocked, KeyFileError, Permanent, ResponseUnverified, Retryable
+from edgeagent.errors import Blocked, KeyFileError, ResponseUnverified
 from edgeagent.model import CarType, PlateColor, VehicleType
+from edgeagent.policy import Answer, Reading, Verdict, read
+from edgeagent.requests import KINDS, Kind
 
 TS = 1554208460
 NONCE = "593BEC0C930BF1AFEB40B4A08C8FB242"
@@ -119,7 +122,7 @@ V3_HEADERS = {
 V3_BODY = b'{"code_url":"weixin://wxpay/bizpayurl?pr=JyC91EIz1"}'
 V3_NOW = 1722850421.0
 
-EXAMPLE = wp.EntryRequest(  # the [IM]/[OAPI] example of §6.6
+EXAMPLE = rq.EntryRequest(  # the [IM]/[OAPI] example of §6.6
     out_serial_number="PARK202407041530001",
     parking_id="WXPARK001",
     plate_number="粤B12345",
@@ -210,7 +213,7 @@ def test_go_sdk_vector() -> None:
 
 
 def test_entry_body_and_signature_6_6(key_6_1: RSAPrivateKey) -> None:
-    body = wp.build_entry_body(EXAMPLE)
+    body = rq.build_entry_body(EXAMPLE)
     assert body == ENTRY_BODY_6_6
     assert len(body) == 312
     assert hashlib.sha256(body).hexdigest() == "2fe8f02d3535b1ecb4f365879bb4365272932f10b360ee318431043dd65c9b51"
@@ -223,6 +226,8 @@ def test_entry_body_and_signature_6_6(key_6_1: RSAPrivateKey) -> None:
         nonce=NONCE,
         wechatpay_serial="PUB_KEY_ID_0000000000000024101100397200000006",
         user_agent="edgeagent/0.1.0",
+        method="POST",
+        target=rq.ENTRY_PATH,
     )
     assert headers == {
         "Authorization": wp.authorization("1900007291", SERIAL_6_1, TS, NONCE, ENTRY_SIGNATURE_6_6),
@@ -261,14 +266,14 @@ def test_aes_gcm_vector_6_5() -> None:
 
 
 def test_body_omits_empty_optional_fields_and_keeps_order() -> None:
-    body = wp.build_entry_body(MINIMAL)
+    body = rq.build_entry_body(MINIMAL)
     assert list(json.loads(body)) == [
         "out_serial_number", "parking_id", "plate_number", "enter_timestamp", "plate_color", "car_type",
         "vehicle_type",
     ]  # fmt: skip
     assert b" " not in body
     assert "粤".encode() in body  # UTF-8, not \u escapes
-    assert list(json.loads(wp.build_entry_body(replace(MINIMAL, entrance_name="东门"))))[-1] == "entrance_name"
+    assert list(json.loads(rq.build_entry_body(replace(MINIMAL, entrance_name="东门"))))[-1] == "entrance_name"
 
 
 @pytest.mark.parametrize(
@@ -299,36 +304,51 @@ def test_body_omits_empty_optional_fields_and_keeps_order() -> None:
     ],
 )
 def test_body_validation(change: dict[str, object], field: str, problem: str) -> None:
-    with pytest.raises(wp.BodyError) as caught:
-        wp.build_entry_body(replace(EXAMPLE, **change))  # type: ignore[arg-type]
+    with pytest.raises(rq.BodyError) as caught:
+        rq.build_entry_body(replace(EXAMPLE, **change))  # type: ignore[arg-type]
     assert caught.value.field == field
     assert problem in caught.value.problem
     assert str(caught.value) == f"{field}: {caught.value.problem}"
 
 
 def test_body_accepts_limits() -> None:
+    # Limits hold in characters and in UTF-8 bytes (SPEC §5): a Chinese character is 3 bytes.
     edge = replace(
         EXAMPLE,
         out_serial_number="P" * 64,
-        plate_number="粤" * 16,
+        plate_number="粤" * 5 + "B",
         entrance_number="A" * 128,
-        entrance_name="门" * 64,
+        entrance_name="门" * 21 + "A",
         discount_template_id=(1, 2, 3),
     )
-    assert wp.parse_entry_body(wp.build_entry_body(edge)) == edge
+    assert rq.parse_entry_body(rq.build_entry_body(edge)) == edge
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"plate_number": "粤" * 6}, "plate_number: longer than 16 bytes in UTF-8 (6 characters)"),
+        ({"entrance_name": "门" * 22}, "entrance_name: longer than 64 bytes in UTF-8 (22 characters)"),
+        ({"entrance_name": "门" * 65}, "entrance_name: longer than 64 characters"),
+    ],
+)
+def test_body_refuses_what_is_too_long_in_bytes_or_characters(change: dict[str, str], message: str) -> None:
+    with pytest.raises(rq.BodyError) as caught:
+        rq.build_entry_body(replace(EXAMPLE, **change))  # type: ignore[arg-type]
+    assert str(caught.value) == message
 
 
 @pytest.mark.parametrize("req", [EXAMPLE, MINIMAL])
-def test_parse_is_the_inverse_of_build(req: wp.EntryRequest) -> None:
-    body = wp.build_entry_body(req)
-    parsed = wp.parse_entry_body(body)
+def test_parse_is_the_inverse_of_build(req: rq.EntryRequest) -> None:
+    body = rq.build_entry_body(req)
+    parsed = rq.parse_entry_body(body)
     assert parsed == req
     assert isinstance(parsed.plate_color, PlateColor)
-    assert wp.build_entry_body(parsed) == body
+    assert rq.build_entry_body(parsed) == body
 
 
 def _doc(**change: object) -> bytes:
-    doc: dict[str, object] = json.loads(wp.build_entry_body(EXAMPLE))
+    doc: dict[str, object] = json.loads(rq.build_entry_body(EXAMPLE))
     for name, value in change.items():
         if value is ...:
             del doc[name]
@@ -369,8 +389,8 @@ def _doc(**change: object) -> bytes:
     ],
 )
 def test_parse_rejects(body: bytes, field: str, problem: str) -> None:
-    with pytest.raises(wp.BodyError) as caught:
-        wp.parse_entry_body(body)
+    with pytest.raises(rq.BodyError) as caught:
+        rq.parse_entry_body(body)
     assert (caught.value.field, problem in caught.value.problem) == (field, True)
 
 
@@ -535,16 +555,26 @@ def test_verify_rejects(change: dict[str, str], match: str) -> None:
         wp.verify_response(V3_HEADERS | change, V3_BODY, keys, V3_NOW)
 
 
-# ---- classify ------------------------------------------------------------------------------------
+# ---- reading answers (policy.read) ------------------------------------------------------------------
 
 NOW = 1_720_000_000.0
 
 
-def test_classify_accepts_verified_200(platform: RSAPrivateKey) -> None:
+ENTRY = KINDS[Kind.ENTRY]
+
+
+def _read(status: int, headers: dict[str, str], body: bytes, keys: dict[str, RSAPublicKey], now: float) -> Reading:
+    """policy.read over one answer to an entry request (the answer half of SPEC §5)."""
+    return read(ENTRY, Answer(status, {k.lower(): v for k, v in headers.items()}, body), keys, now)
+
+
+def test_read_accepts_verified_200(platform: RSAPrivateKey) -> None:
     body = b'{"serial_number":"WX202604230001"}'
     keys = {"PUB_KEY_ID_1": platform.public_key()}
-    outcome = wp.classify(200, signed(platform, body, ts=int(NOW) - 5), body, keys, NOW)
-    assert outcome == wp.Accepted(serial_number="WX202604230001", request_id="08F1A2B3C4D5")
+    reading = _read(200, signed(platform, body, ts=int(NOW) - 5), body, keys, NOW)
+    assert reading.verdict is Verdict.ACCEPTED
+    assert (reading.serial_number, reading.request_id) == ("WX202604230001", "08F1A2B3C4D5")
+    assert (reading.server_time, reading.server_time_fresh) == (int(NOW) - 5, True)
 
 
 @pytest.mark.parametrize(
@@ -552,98 +582,101 @@ def test_classify_accepts_verified_200(platform: RSAPrivateKey) -> None:
     [
         ({"Wechatpay-Signature": "AAAA"}, "bad signature"),
         ({"Wechatpay-Serial": "PUB_KEY_ID_2"}, "unknown Wechatpay-Serial"),
-        ({"Wechatpay-Timestamp": str(int(NOW) - 600)}, "-600 s off"),
+        ({"Wechatpay-Timestamp": str(int(NOW) - 600)}, "bad signature"),  # the signature covers the timestamp
     ],
 )
-def test_classify_unverified_2xx(platform: RSAPrivateKey, spoil: dict[str, str], match: str) -> None:
+def test_read_unverified_2xx(platform: RSAPrivateKey, spoil: dict[str, str], match: str) -> None:
     body = b'{"serial_number":"WX1"}'
     headers = signed(platform, body, ts=int(NOW)) | spoil
-    with pytest.raises(ResponseUnverified, match=match) as caught:
-        wp.classify(200, headers, body, {"PUB_KEY_ID_1": platform.public_key()}, NOW)
-    assert (caught.value.status, caught.value.request_id) == (200, "08F1A2B3C4D5")
+    reading = _read(200, headers, body, {"PUB_KEY_ID_1": platform.public_key()}, NOW)
+    assert reading.verdict is Verdict.UNVERIFIED
+    assert match in reading.summary
+    assert (reading.status, reading.request_id, reading.server_time) == (200, "08F1A2B3C4D5", None)
 
 
-def test_classify_unsigned_2xx_is_unverified() -> None:
-    with pytest.raises(ResponseUnverified, match="missing header Wechatpay-Timestamp") as caught:
-        wp.classify(200, {"Request-ID": "R1"}, b'{"serial_number":"WX1"}', {}, NOW)
-    assert caught.value.request_id == "R1"
+def test_read_stale_but_signed_2xx_is_unverified_yet_tells_the_time(platform: RSAPrivateKey) -> None:
+    body = b'{"serial_number":"WX1"}'
+    headers = signed(platform, body, ts=int(NOW) - 3600)  # an hour-old answer, e.g. replayed
+    reading = _read(200, headers, body, {"PUB_KEY_ID_1": platform.public_key()}, NOW)
+    assert reading.verdict is Verdict.UNVERIFIED
+    assert "-3600 s off" in reading.summary
+    assert (reading.server_time, reading.server_time_fresh) == (int(NOW) - 3600, False)
+
+
+def test_read_unsigned_2xx_is_unverified() -> None:
+    reading = _read(200, {"Request-ID": "R1"}, b'{"serial_number":"WX1"}', {}, NOW)
+    assert reading.verdict is Verdict.UNVERIFIED
+    assert "missing header Wechatpay-Timestamp" in reading.summary
+    assert reading.request_id == "R1"
 
 
 @pytest.mark.parametrize("body", [b"", b"{}", b'{"serial_number":""}', b"[]", b"ok"])
-def test_classify_verified_2xx_without_serial_number(platform: RSAPrivateKey, body: bytes) -> None:
+def test_read_verified_2xx_without_serial_number(platform: RSAPrivateKey, body: bytes) -> None:
     keys = {"PUB_KEY_ID_1": platform.public_key()}
-    with pytest.raises(Retryable, match="without serial_number") as caught:
-        wp.classify(204 if not body else 200, signed(platform, body, ts=int(NOW)), body, keys, NOW)
-    assert not isinstance(caught.value, ResponseUnverified)
+    reading = _read(204 if not body else 200, signed(platform, body, ts=int(NOW)), body, keys, NOW)
+    assert reading.verdict is Verdict.TRANSIENT
 
 
-def test_classify_permanent_400_with_api_words() -> None:
+def test_read_400_with_api_words() -> None:
     body = json.dumps(
         {"code": "PARAM_ERROR", "message": "参数错误", "detail": {"field": "plate_number", "location": "body"}},
         ensure_ascii=False,
     ).encode()
-    with pytest.raises(Permanent) as caught:
-        wp.classify(400, {"request-id": "RID-400"}, body, {}, NOW)
-    error = caught.value
-    assert (error.status, error.code, error.message, error.request_id) == (400, "PARAM_ERROR", "参数错误", "RID-400")
-    assert json.loads(error.detail) == {"field": "plate_number", "location": "body"}
-    assert error.summary == "HTTP 400 PARAM_ERROR: 参数错误"
-    assert error.retry_after is None
+    reading = _read(400, {"request-id": "RID-400"}, body, {}, NOW)
+    assert reading.verdict is Verdict.REFUSED
+    assert (reading.status, reading.code, reading.message, reading.request_id) == (
+        400,
+        "PARAM_ERROR",
+        "参数错误",
+        "RID-400",
+    )
+    assert json.loads(reading.detail) == {"field": "plate_number", "location": "body"}
+    assert (reading.summary, reading.field, reading.retry_after) == (
+        "HTTP 400 PARAM_ERROR: 参数错误",
+        "plate_number",
+        None,
+    )
 
 
-def test_classify_invalid_request_and_other_400() -> None:
-    with pytest.raises(Permanent, match="INVALID_REQUEST") as caught:
-        wp.classify(400, {}, b'{"code":"INVALID_REQUEST","message":"Http\\u5934"}', {}, NOW)
-    assert caught.value.detail == ""
-    with pytest.raises(Permanent, match="HTTP 400 with a non-JSON body: bad request"):
-        wp.classify(400, {}, b"bad request", {}, NOW)
+def test_read_invalid_request_and_other_400() -> None:
+    reading = _read(400, {}, b'{"code":"INVALID_REQUEST","message":"Http\\u5934"}', {}, NOW)
+    assert (reading.verdict, reading.code, reading.detail) == (Verdict.REFUSED, "INVALID_REQUEST", "")
+    reading = _read(400, {}, b"bad request", {}, NOW)
+    assert (reading.verdict, reading.summary) == (Verdict.REFUSED, "HTTP 400 with a non-JSON body: bad request")
 
 
 @pytest.mark.parametrize(("status", "code"), [(401, "SIGN_ERROR"), (403, "NO_AUTH"), (404, "NOT_FOUND")])
-def test_classify_blocked(status: int, code: str) -> None:
+def test_read_blocked(status: int, code: str) -> None:
     body = json.dumps({"code": code, "message": "m", "detail": {"issue": "sign not match"}}).encode()
-    with pytest.raises(Blocked) as caught:
-        wp.classify(status, {"Request-Id": "R"}, body, {}, NOW)
-    assert (caught.value.status, caught.value.code, caught.value.request_id) == (status, code, "R")
-    assert json.loads(caught.value.detail) == {"issue": "sign not match"}
+    reading = _read(status, {"Request-Id": "R"}, body, {}, NOW)
+    assert (reading.verdict, reading.status, reading.code, reading.request_id) == (Verdict.BLOCKED, status, code, "R")
+    assert json.loads(reading.detail) == {"issue": "sign not match"}
 
 
 @pytest.mark.parametrize("status", [202, 429, 500, 502, 503, 504, 302, 408, 409, 418])
-def test_classify_retryable(status: int) -> None:
-    with pytest.raises(Retryable) as caught:
-        wp.classify(status, {}, b'{"code":"SYSTEM_ERROR","message":"busy"}', {}, NOW)
-    assert not isinstance(caught.value, ResponseUnverified)
-    assert (caught.value.status, caught.value.code, caught.value.message) == (status, "SYSTEM_ERROR", "busy")
-    assert caught.value.retry_after is None
+def test_read_transient(status: int) -> None:
+    reading = _read(status, {}, b'{"code":"SYSTEM_ERROR","message":"busy"}', {}, NOW)
+    assert reading.verdict is Verdict.TRANSIENT
+    assert (reading.status, reading.code, reading.message) == (status, "SYSTEM_ERROR", "busy")
+    assert reading.retry_after is None
 
 
-def test_classify_retry_after_seconds_and_http_date() -> None:
-    with pytest.raises(Retryable) as caught:
-        wp.classify(429, {"Retry-After": "120"}, b'{"code":"RATELIMIT_EXCEEDED"}', {}, NOW)
-    assert caught.value.retry_after == 120.0
+def test_read_retry_after_seconds_and_http_date() -> None:
+    assert _read(429, {"Retry-After": "120"}, b'{"code":"RATELIMIT_EXCEEDED"}', {}, NOW).retry_after == 120.0
     date = email.utils.formatdate(NOW + 90, usegmt=True)
-    with pytest.raises(Retryable) as caught:
-        wp.classify(503, {"retry-after": date}, b"{}", {}, NOW)
-    assert caught.value.retry_after == 90.0
+    assert _read(503, {"retry-after": date}, b"{}", {}, NOW).retry_after == 90.0
     past = email.utils.formatdate(NOW - 90, usegmt=True)
-    with pytest.raises(Retryable) as caught:
-        wp.classify(503, {"Retry-After": past}, b"{}", {}, NOW)
-    assert caught.value.retry_after == 0.0
-    with pytest.raises(Retryable) as caught:
-        wp.classify(503, {"Retry-After": "soon"}, b"{}", {}, NOW)
-    assert caught.value.retry_after is None
+    assert _read(503, {"Retry-After": past}, b"{}", {}, NOW).retry_after == 0.0
+    assert _read(503, {"Retry-After": "soon"}, b"{}", {}, NOW).retry_after is None
 
 
-def test_classify_non_json_error_body() -> None:
+def test_read_non_json_error_body() -> None:
     html = b"<html><head><title>502 Bad Gateway</title></head>\n<body>" + b"x" * 500 + b"</body></html>"
-    with pytest.raises(Retryable) as caught:
-        wp.classify(502, {}, html, {}, NOW)
-    summary = caught.value.summary
-    assert summary.startswith("HTTP 502 with a non-JSON body: <html><head><title>502 Bad Gateway")
-    assert len(summary) == len("HTTP 502 with a non-JSON body: ") + 200
-    assert (caught.value.code, caught.value.message, caught.value.detail) == ("", "", "")
-    with pytest.raises(Retryable, match="HTTP 500 with an empty body"):
-        wp.classify(500, {}, b"", {}, NOW)
+    reading = _read(502, {}, html, {}, NOW)
+    assert reading.summary.startswith("HTTP 502 with a non-JSON body: <html><head><title>502 Bad Gateway")
+    assert len(reading.summary) == len("HTTP 502 with a non-JSON body: ") + 200
+    assert (reading.code, reading.message, reading.detail) == ("", "", "")
+    assert _read(500, {}, b"", {}, NOW).summary == "HTTP 500 with an empty body"
 
 
 # ---- platform certificates -----------------------------------------------------------------------
