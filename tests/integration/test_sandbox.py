@@ -1,4 +1,4 @@
-"""The sandbox over real HTTPS: a real httpx client, our own request_headers, answers judged by classify."""
+"""The sandbox over real HTTPS: a real httpx client, our own request_headers, answers verified by verify_response."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
+from edgeagent import requests as rq
 from edgeagent import wechatpay as wp
-from edgeagent.errors import Blocked, Permanent, ResponseUnverified, Retryable
+from edgeagent.errors import ResponseUnverified
 from edgeagent.model import CarType, PlateColor, VehicleType
 from edgeagent.sandbox import Sandbox, ensure_materials
 from edgeagent.sandbox.ca import mint_ca
@@ -55,7 +56,7 @@ class Merchant:
     keys: dict[str, RSAPublicKey]
 
     def entry(self, number: str = "P1G1-000001", **change: Any) -> bytes:
-        req = wp.EntryRequest(
+        req = rq.EntryRequest(
             out_serial_number=number,
             parking_id=self.sandbox.materials.parking_id,
             plate_number="粤B12345",
@@ -66,7 +67,18 @@ class Merchant:
             entrance_number="A01",
             entrance_name="南门入口",
         )
-        return wp.build_entry_body(replace(req, **change))
+        return rq.build_entry_body(replace(req, **change))
+
+    def exit(self, number: str = "P1G1-000001", **change: Any) -> bytes:
+        entry = next((e for e in self.sandbox.accepted() if e["out_serial_number"] == number), None)
+        req = rq.ExitRequest(
+            out_serial_number=number,
+            exit_timestamp=(entry["enter_timestamp"] if entry else int(time.time())) + 60,
+            plate_number=entry["plate_number"] if entry else "粤B12345",
+            plate_color=PlateColor(entry["plate_color"]) if entry else PlateColor.BLUE,
+            parking_id=self.sandbox.materials.parking_id,
+        )
+        return rq.build_exit_body(replace(req, **change))
 
     def headers(self, body: bytes, **change: Any) -> dict[str, str]:
         m = self.sandbox.materials
@@ -79,15 +91,31 @@ class Merchant:
             "nonce": wp.new_nonce(),
             "wechatpay_serial": m.platform_public_key_id,
             "user_agent": "edgeagent/test",
+            "method": "POST",
+            "target": rq.ENTRY_PATH,
         }
         return wp.request_headers(**(args | change))
 
-    def post(self, body: bytes, **change: Any) -> httpx.Response:
-        return self.client.post(wp.ENTRY_PATH, content=body, headers=self.headers(body, **change))
+    def post(self, body: bytes, path: str = rq.ENTRY_PATH, **change: Any) -> httpx.Response:
+        return self.client.post(path, content=body, headers=self.headers(body, target=path, **change))
 
-    def classify(self, response: httpx.Response, now: float | None = None) -> wp.Accepted:
-        now = time.time() if now is None else now
-        return wp.classify(response.status_code, response.headers, response.content, self.keys, now)
+    def post_exit(self, body: bytes, **change: Any) -> httpx.Response:
+        return self.post(body, rq.EXIT_PATH, **change)
+
+    def get(self, target: str, **change: Any) -> httpx.Response:
+        """GET `target` as it goes on the wire, signed over `change["target"]` or else over `target`."""
+        return self.client.get(target, headers=self.headers(b"", method="GET", **({"target": target} | change)))
+
+    def verify(self, response: httpx.Response, now: float | None = None) -> int:
+        """The answer's verified Wechatpay-Timestamp; raises ResponseUnverified (or StaleAnswer) otherwise."""
+        return wp.verify_response(response.headers, response.content, self.keys, time.time() if now is None else now)
+
+    def serial(self, response: httpx.Response, now: float | None = None) -> str:
+        """The serial_number of a verified 200 answer to an entry."""
+        assert response.status_code == 200, response.text
+        self.verify(response, now)
+        serial: str = response.json()["serial_number"]
+        return serial
 
 
 def free_port() -> int:
@@ -120,36 +148,34 @@ def error(response: httpx.Response) -> tuple[int, str, str]:
 # ---- the happy path and idempotency --------------------------------------------------------------
 
 
-def test_accepted_entry_is_verified_by_classify(merchant: Merchant) -> None:
+def test_accepted_entry_is_signed_and_verifies(merchant: Merchant) -> None:
     body = merchant.entry()
     response = merchant.post(body)
-    assert response.status_code == 200
-    accepted = merchant.classify(response)
-    assert accepted.serial_number.startswith("WX")
-    assert accepted.request_id == response.headers["Request-ID"]
+    serial = merchant.serial(response)
+    assert serial.startswith("WX")
+    assert abs(merchant.verify(response) - time.time()) < 5
     assert response.headers["Wechatpay-Serial"] == merchant.sandbox.materials.platform_public_key_id
     date = email.utils.parsedate_to_datetime(response.headers["Date"]).timestamp()
     assert abs(date - time.time()) < 5
     [entry] = merchant.sandbox.accepted()
     assert entry | {"received_at": 0} == json.loads(body) | {
-        "serial_number": accepted.serial_number,
+        "serial_number": serial,
         "received_at": 0,
-        "request_id": accepted.request_id,
+        "request_id": response.headers["Request-ID"],
         "repeats": 0,
     }
 
 
 def test_same_number_same_body_is_idempotent_and_other_body_is_refused(merchant: Merchant) -> None:
     body = merchant.entry()
-    first = merchant.classify(merchant.post(body))
-    again = merchant.classify(merchant.post(body))  # a retry: fresh nonce and timestamp, same bytes
-    assert again.serial_number == first.serial_number
+    first = merchant.serial(merchant.post(body))
+    again = merchant.serial(merchant.post(body))  # a retry: fresh nonce and timestamp, same bytes
+    assert again == first
     assert [e["repeats"] for e in merchant.sandbox.accepted()] == [1]
     other = merchant.post(merchant.entry(plate_number="粤B54321"))
     assert error(other)[:2] == (400, "PARAM_ERROR")
-    with pytest.raises(Permanent) as caught:
-        merchant.classify(other)
-    assert json.loads(caught.value.detail)["field"] == "out_serial_number"
+    merchant.verify(other)  # errors are signed too
+    assert other.json()["detail"]["field"] == "out_serial_number"
     assert len(merchant.sandbox.accepted()) == 1
 
 
@@ -170,18 +196,16 @@ def test_bad_signatures_get_401(merchant: Merchant, change: dict[str, Any], issu
     status, code, message = error(response)
     assert (status, code) == (401, "SIGN_ERROR")
     assert issue in message
-    with pytest.raises(Blocked):
-        merchant.classify(response)
     assert merchant.sandbox.accepted() == []
 
 
 def test_signature_must_cover_the_exact_bytes(merchant: Merchant) -> None:
     body = merchant.entry()
     resent = body.replace(b'"A01"', b'"A02"')  # same length, other bytes than were signed
-    response = merchant.client.post(wp.ENTRY_PATH, content=resent, headers=merchant.headers(body))
+    response = merchant.client.post(rq.ENTRY_PATH, content=resent, headers=merchant.headers(body))
     assert error(response)[:2] == (401, "SIGN_ERROR")
     detail = response.json()["detail"]
-    assert detail["sign_information"]["url"] == wp.ENTRY_PATH
+    assert detail["sign_information"]["url"] == rq.ENTRY_PATH
     assert detail["location"] == "authorization"
 
 
@@ -192,7 +216,7 @@ def test_signature_must_cover_the_exact_bytes(merchant: Merchant) -> None:
 def test_malformed_authorization_gets_401(merchant: Merchant, authorization: str) -> None:
     body = merchant.entry()
     headers = merchant.headers(body) | {"Authorization": authorization}
-    response = merchant.client.post(wp.ENTRY_PATH, content=body, headers=headers)
+    response = merchant.client.post(rq.ENTRY_PATH, content=body, headers=headers)
     assert error(response)[:2] == (401, "SIGN_ERROR")
 
 
@@ -209,8 +233,8 @@ def test_stale_timestamp_gets_401(merchant: Merchant, skew: int) -> None:
 def test_reused_nonce_gets_401(merchant: Merchant) -> None:
     body = merchant.entry()
     headers = merchant.headers(body)
-    assert merchant.client.post(wp.ENTRY_PATH, content=body, headers=headers).status_code == 200
-    replay = merchant.client.post(wp.ENTRY_PATH, content=body, headers=headers)
+    assert merchant.client.post(rq.ENTRY_PATH, content=body, headers=headers).status_code == 200
+    replay = merchant.client.post(rq.ENTRY_PATH, content=body, headers=headers)
     status, code, message = error(replay)
     assert (status, code) == (401, "SIGN_ERROR")
     assert "already used" in message
@@ -220,8 +244,6 @@ def test_wrong_parking_id_gets_400(merchant: Merchant) -> None:
     response = merchant.post(merchant.entry(parking_id="WXPARK999"))
     assert error(response)[:2] == (400, "PARAM_ERROR")
     assert response.json()["detail"] == {"field": "parking_id", "location": "body", "issue": "unknown parking lot"}
-    with pytest.raises(Permanent, match="PARAM_ERROR"):
-        merchant.classify(response)
 
 
 def test_bad_body_gets_400_naming_the_field(merchant: Merchant) -> None:
@@ -234,7 +256,7 @@ def test_bad_body_gets_400_naming_the_field(merchant: Merchant) -> None:
 
 def test_missing_user_agent_gets_400(merchant: Merchant) -> None:
     body = merchant.entry()
-    request = merchant.client.build_request("POST", wp.ENTRY_PATH, content=body, headers=merchant.headers(body))
+    request = merchant.client.build_request("POST", rq.ENTRY_PATH, content=body, headers=merchant.headers(body))
     del request.headers["User-Agent"]
     response = merchant.client.send(request)
     status, code, message = error(response)
@@ -255,19 +277,22 @@ def test_missing_user_agent_gets_400(merchant: Merchant) -> None:
 )
 def test_request_headers_are_checked(merchant: Merchant, header: str, value: str, status: int) -> None:
     body = merchant.entry()
-    response = merchant.client.post(wp.ENTRY_PATH, content=body, headers=merchant.headers(body) | {header: value})
+    response = merchant.client.post(rq.ENTRY_PATH, content=body, headers=merchant.headers(body) | {header: value})
     assert response.status_code == status
     if status == 400:
         assert response.json()["code"] == "INVALID_REQUEST"
 
 
-def test_unknown_path_gets_404(merchant: Merchant) -> None:
-    body = merchant.entry()
-    headers = merchant.headers(body, target="/v3/parking/reminders/exit")
-    response = merchant.client.post("/v3/parking/reminders/exit", content=body, headers=headers)
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v3/parking/reminders/payment"), ("GET", rq.ENTRY_PATH), ("POST", rq.PARKING_LOT_PATH)],
+)
+def test_unknown_path_gets_404(merchant: Merchant, method: str, path: str) -> None:
+    body = merchant.entry() if method == "POST" else b""
+    headers = merchant.headers(body, method=method, target=path)
+    response = merchant.client.request(method, path, content=body, headers=headers)
     assert error(response)[:2] == (404, "NOT_FOUND")
-    with pytest.raises(Blocked):
-        merchant.classify(response)
+    merchant.verify(response)
 
 
 def test_errors_are_signed_too(merchant: Merchant) -> None:
@@ -296,7 +321,7 @@ def test_certificates_round_trip(merchant: Merchant) -> None:
     # an entry that asks for certificate signatures (or names no key) is answered under the certificate
     answer = merchant.post(merchant.entry(), wechatpay_serial="")
     assert answer.headers["Wechatpay-Serial"] == m.platform_cert_serial
-    assert wp.classify(answer.status_code, answer.headers, answer.content, keys, time.time())
+    assert wp.verify_response(answer.headers, answer.content, keys, time.time())
 
 
 # ---- knobs ---------------------------------------------------------------------------------------
@@ -315,11 +340,10 @@ def test_fail_status_for_a_count_then_recovers(merchant: Merchant) -> None:
     for _ in range(2):
         response = merchant.post(body)
         assert error(response)[:2] == (503, "SERVICE_UNAVAILABLE")
-        with pytest.raises(Retryable) as caught:
-            merchant.classify(response)
-        assert caught.value.retry_after == 7.0
+        assert wp.retry_after(response.headers["Retry-After"], time.time()) == 7.0
+        merchant.verify(response)
         assert merchant.sandbox.accepted() == []
-    merchant.classify(merchant.post(body))
+    merchant.serial(merchant.post(body))
     assert [(r["status"], r["code"], r["out_serial_number"]) for r in merchant.sandbox.requests()] == [
         (503, "SERVICE_UNAVAILABLE", "P1G1-000001"),
         (503, "SERVICE_UNAVAILABLE", "P1G1-000001"),
@@ -358,12 +382,13 @@ def test_spoiled_answers_accept_the_entry_and_stay_idempotent(
 ) -> None:
     merchant.sandbox.set(**knob)
     body = merchant.entry()
+    spoiled = merchant.post(body)
+    assert spoiled.status_code == 200
     with pytest.raises(ResponseUnverified, match=match):
-        merchant.classify(merchant.post(body))
+        merchant.verify(spoiled)
     [entry] = merchant.sandbox.accepted()
     merchant.sandbox.set(bad_signature=False, no_signature=False, stale_timestamp_s=0)
-    retried = merchant.classify(merchant.post(body))
-    assert retried.serial_number == entry["serial_number"]
+    assert merchant.serial(merchant.post(body)) == entry["serial_number"]
     assert len(merchant.sandbox.accepted()) == 1
 
 
@@ -376,7 +401,7 @@ def test_date_offset_skews_the_sandbox_clock(merchant: Merchant) -> None:
     assert 990 < offset < 1010
     corrected = int(time.time() + offset)  # what the agent does with the Date header (SPEC §5)
     accepted = merchant.post(body, timestamp=corrected)
-    assert merchant.classify(accepted, now=time.time() + offset).serial_number.startswith("WX")
+    assert merchant.serial(accepted, now=time.time() + offset).startswith("WX")
 
 
 def test_drop_connection(merchant: Merchant) -> None:
@@ -395,8 +420,9 @@ def test_non_json_error(merchant: Merchant) -> None:
     assert response.status_code == 500
     assert response.headers["Content-Type"].startswith("text/html")
     assert "Wechatpay-Signature" not in response.headers
-    with pytest.raises(Retryable, match="non-JSON body: <html>"):
-        merchant.classify(response)
+    assert response.content.startswith(b"<html>")
+    with pytest.raises(ResponseUnverified, match="missing header"):
+        merchant.verify(response)
     assert merchant.sandbox.accepted() == []
 
 
