@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -102,9 +103,9 @@ class Merchant:
     def post_exit(self, body: bytes, **change: Any) -> httpx.Response:
         return self.post(body, rq.EXIT_PATH, **change)
 
-    def get(self, target: str, **change: Any) -> httpx.Response:
-        """GET `target` as it goes on the wire, signed over `change["target"]` or else over `target`."""
-        return self.client.get(target, headers=self.headers(b"", method="GET", **({"target": target} | change)))
+    def get(self, url: str, **change: Any) -> httpx.Response:
+        """GET `url` as it goes on the wire, signed over `change["target"]` or else over `url`."""
+        return self.client.get(url, headers=self.headers(b"", method="GET", **({"target": url} | change)))
 
     def verify(self, response: httpx.Response, now: float | None = None) -> int:
         """The answer's verified Wechatpay-Timestamp; raises ResponseUnverified (or StaleAnswer) otherwise."""
@@ -451,6 +452,243 @@ def test_control_endpoints(merchant: Merchant) -> None:
     assert bad.status_code == 400
     assert "unknown knob" in bad.json()["error"]
     assert client.get("/_sandbox/nothing").status_code == 404
+
+
+# ---- exits (SPEC §8, §10) --------------------------------------------------------------------------
+
+
+def test_exit_answers_204_signed_over_the_empty_body(merchant: Merchant) -> None:
+    merchant.serial(merchant.post(merchant.entry()))
+    body = merchant.exit()
+    response = merchant.post_exit(body)
+    assert response.status_code == 204
+    assert response.content == b""
+    assert "Content-Type" not in response.headers
+    assert abs(merchant.verify(response) - time.time()) < 5  # §3.2: the last line is just "\n"
+    [exit] = merchant.sandbox.exits()
+    assert exit | {"received_at": 0} == json.loads(body) | {
+        "received_at": 0,
+        "request_id": response.headers["Request-ID"],
+        "repeats": 0,
+    }
+    assert merchant.client.get("/_sandbox/exits").json() == merchant.sandbox.exits()
+    kinds = [(r["kind"], r["method"], r["path"], r["status"]) for r in merchant.sandbox.requests()]
+    assert kinds == [("entry", "POST", rq.ENTRY_PATH, 200), ("exit", "POST", rq.EXIT_PATH, 204)]
+
+
+def test_repeated_exit_is_idempotent_and_a_different_one_is_refused(merchant: Merchant) -> None:
+    merchant.serial(merchant.post(merchant.entry()))
+    body = merchant.exit()
+    for _ in range(3):  # retries: fresh nonce and timestamp, same bytes
+        response = merchant.post_exit(body)
+        assert response.status_code == 204
+        merchant.verify(response)
+    assert [e["repeats"] for e in merchant.sandbox.exits()] == [2]
+    later = json.loads(body)["exit_timestamp"] + 1
+    other = merchant.post_exit(merchant.exit(exit_timestamp=later))
+    assert error(other)[:2] == (400, "INVALID_REQUEST")
+    assert other.json()["detail"]["field"] == "out_serial_number"
+    merchant.verify(other)
+    assert [e["exit_timestamp"] for e in merchant.sandbox.exits()] == [later - 1]
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "field"),
+    [
+        ({"out_serial_number": "P1G1-999999"}, "INVALID_REQUEST", "out_serial_number"),
+        ({"parking_id": "WXPARK999"}, "PARAM_ERROR", "parking_id"),
+        ({"plate_number": "粤B54321"}, "INVALID_REQUEST", "plate_number"),
+        ({"exit_timestamp": 1_700_000_000 - 1}, "INVALID_REQUEST", "exit_timestamp"),
+    ],
+)
+def test_exit_that_does_not_fit_its_entry_is_refused(
+    merchant: Merchant, change: dict[str, Any], code: str, field: str
+) -> None:
+    merchant.serial(merchant.post(merchant.entry(enter_timestamp=1_700_000_000)))
+    response = merchant.post_exit(merchant.exit(**change))
+    assert error(response)[:2] == (400, code)
+    assert response.json()["detail"]["field"] == field
+    merchant.verify(response)
+    assert merchant.sandbox.exits() == []
+    exact = merchant.post_exit(merchant.exit(exit_timestamp=1_700_000_000))  # leaving in the same second is fine
+    assert exact.status_code == 204
+
+
+def test_exit_for_an_unknown_lot_names_parking_id(merchant: Merchant) -> None:
+    response = merchant.post_exit(merchant.exit("P1G1-999999", parking_id="WXPARK999"))
+    assert error(response)[:2] == (400, "PARAM_ERROR")
+    assert response.json()["detail"] == {"field": "parking_id", "location": "body", "issue": "unknown parking lot"}
+
+
+def test_exit_body_is_read_strictly(merchant: Merchant) -> None:
+    merchant.serial(merchant.post(merchant.entry()))
+    doc = json.loads(merchant.exit()) | {"pay_state": "PAID"}  # a field we never send
+    response = merchant.post_exit(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode())
+    assert error(response)[:2] == (400, "PARAM_ERROR")
+    assert response.json()["detail"] == {"field": "pay_state", "location": "body", "issue": "unknown field"}
+    doc = json.loads(merchant.exit()) | {"exit_timestamp": int(time.time() * 1000)}  # milliseconds
+    millis = merchant.post_exit(json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode())
+    assert error(millis)[:2] == (400, "PARAM_ERROR")
+    assert millis.json()["detail"]["field"] == "exit_timestamp"
+
+
+def test_exit_signature_covers_its_own_path(merchant: Merchant) -> None:
+    merchant.serial(merchant.post(merchant.entry()))
+    body = merchant.exit()
+    headers = merchant.headers(body, target=rq.ENTRY_PATH)  # signed for another API
+    response = merchant.client.post(rq.EXIT_PATH, content=body, headers=headers)
+    assert error(response)[:2] == (401, "SIGN_ERROR")
+    assert merchant.sandbox.exits() == []
+
+
+# ---- duplicate_refusal (SPEC §8) -------------------------------------------------------------------
+
+
+def test_duplicate_refusal_refuses_a_repeated_number(merchant: Merchant) -> None:
+    merchant.sandbox.set(duplicate_refusal=True)
+    entry = merchant.entry()
+    serial = merchant.serial(merchant.post(entry))
+    again = merchant.post(entry)
+    status, code, message = error(again)
+    assert (status, code) == (400, "INVALID_REQUEST")
+    assert "重复" in message
+    assert again.json()["detail"]["field"] == "out_serial_number"
+    merchant.verify(again)
+    assert error(merchant.post(merchant.entry(plate_number="粤B54321")))[:2] == (400, "INVALID_REQUEST")
+    exit = merchant.exit()
+    assert merchant.post_exit(exit).status_code == 204
+    status, code, message = error(merchant.post_exit(exit))
+    assert (status, code) == (400, "INVALID_REQUEST")
+    assert "重复" in message
+    assert [e["repeats"] for e in merchant.sandbox.accepted()] == [1]  # identical re-sends are counted
+    assert [e["repeats"] for e in merchant.sandbox.exits()] == [1]
+    merchant.sandbox.set(duplicate_refusal=False)
+    assert merchant.serial(merchant.post(entry)) == serial
+    assert merchant.post_exit(exit).status_code == 204
+
+
+# ---- the lot query (§1.5) --------------------------------------------------------------------------
+
+
+def test_parking_lot_query(merchant: Merchant) -> None:
+    m = merchant.sandbox.materials
+    response = merchant.get(rq.parking_lot_target(m.parking_id))
+    assert response.status_code == 200
+    merchant.verify(response)
+    doc = response.json()
+    assert doc == {
+        "wx_parking_lot_id": m.parking_id,
+        "out_parking_lot_id": "SANDBOX-LOT-001",
+        "parking_lot_name": doc["parking_lot_name"],
+        "parking_lot_address": doc["parking_lot_address"],
+        "enabled_state": "ENABLED_STATE_ENABLED",
+    }
+    assert rq.parse_lot(response.content) == rq.LotState("ENABLED_STATE_ENABLED", "", doc["parking_lot_name"])
+    merchant.sandbox.set(lot_enabled_state="ENABLED_STATE_OFFLINE", lot_reason="进场时延过高")
+    by_both = merchant.get(f"{rq.PARKING_LOT_PATH}?out_parking_lot_id=SANDBOX-LOT-001&wx_parking_lot_id={m.parking_id}")
+    merchant.verify(by_both)
+    lot = rq.parse_lot(by_both.content)
+    assert (lot.enabled_state, lot.reason) == ("ENABLED_STATE_OFFLINE", "进场时延过高")
+    [record] = [r for r in merchant.sandbox.requests() if r["status"] == 200][-1:]
+    assert (record["kind"], record["method"], record["out_serial_number"]) == ("parking_lot", "GET", None)
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("wx_parking_lot_id=WXPARK999", "wx_parking_lot_id"),
+        ("out_parking_lot_id=LOT-X", "out_parking_lot_id"),
+        ("wx_parking_lot_id=WXPARK001&out_parking_lot_id=LOT-X", "out_parking_lot_id"),
+        ("", "wx_parking_lot_id"),
+        ("wx_parking_lot_id=", "wx_parking_lot_id"),
+        ("wx_parking_lot_id=WXPARK001&wx_parking_lot_id=WXPARK001", "wx_parking_lot_id"),
+        ("parking_id=WXPARK001", "parking_id"),
+        ("wx_parking_lot_id=%FF", "query"),
+    ],
+)
+def test_parking_lot_query_refuses_unknown_ids(merchant: Merchant, query: str, field: str) -> None:
+    response = merchant.get(f"{rq.PARKING_LOT_PATH}?{query}" if query else rq.PARKING_LOT_PATH)
+    assert error(response)[:2] == (400, "PARAM_ERROR")
+    assert response.json()["detail"]["field"] == field
+    assert response.json()["detail"]["location"] == "query"
+    merchant.verify(response)
+
+
+def test_parking_lot_signature_covers_the_target_as_sent(merchant: Merchant) -> None:
+    escaped = f"{rq.PARKING_LOT_PATH}?wx_parking_lot_id=WXPARK%30%301"  # WXPARK001, escaped
+    assert merchant.get(escaped).status_code == 200
+    unescaped = f"{rq.PARKING_LOT_PATH}?wx_parking_lot_id=WXPARK001"
+    refused = merchant.get(escaped, target=unescaped)
+    assert error(refused)[:2] == (401, "SIGN_ERROR")
+    assert refused.json()["detail"]["sign_information"]["url"] == escaped
+
+
+def test_parking_lot_query_with_a_non_ascii_id(sandbox_dir: Path, tmp_path: Path) -> None:
+    lot_dir = tmp_path / "lot"
+    shutil.copytree(sandbox_dir, lot_dir)  # the same keys, another parking_id (materials.json is editable)
+    info = json.loads((lot_dir / "materials.json").read_text()) | {"parking_id": "沙盒停车场 1号"}
+    (lot_dir / "materials.json").write_text(json.dumps(info))
+    with Sandbox(lot_dir, port=0) as sandbox, tls_client(sandbox.base_url, sandbox.ca_file) as client:
+        m = sandbox.materials
+        key = wp.load_private_key(m.merchant_private_key_file.read_bytes())
+        keys = {m.platform_public_key_id: wp.load_public_key(m.platform_public_key_file.read_bytes())}
+        merchant = Merchant(sandbox, client, key, keys)
+        target = rq.parking_lot_target(m.parking_id)
+        assert target.isascii() and "%E6%B2%99" in target and "%20" in target
+        response = merchant.get(target)
+        assert response.status_code == 200, response.text
+        merchant.verify(response)
+        assert response.json()["wx_parking_lot_id"] == "沙盒停车场 1号"
+        raw = f"{rq.PARKING_LOT_PATH}?wx_parking_lot_id=沙盒停车场%201号"  # httpx encodes it on the way out
+        refused = merchant.get(raw)  # signed over the unencoded text
+        assert error(refused)[:2] == (401, "SIGN_ERROR")
+        assert refused.json()["detail"]["sign_information"]["url"].isascii()
+
+
+# ---- replay_answer (the clock test's adversary) ----------------------------------------------------
+
+
+def test_replay_answer_repeats_the_first_answer_under_a_fresh_date(merchant: Merchant) -> None:
+    first = merchant.post(merchant.entry("P1G1-000001"))
+    serial = merchant.serial(first)
+    merchant.sandbox.set(replay_answer=True, date_offset_s=1000)
+    replayed = merchant.post(merchant.entry("P1G1-000002"), timestamp=int(time.time()) + 1000)
+    assert replayed.status_code == 200
+    assert replayed.content == first.content  # the first entry's serial_number
+    for name in ("Wechatpay-Timestamp", "Wechatpay-Nonce", "Wechatpay-Signature", "Wechatpay-Serial", "Request-ID"):
+        assert replayed.headers[name] == first.headers[name]
+    date = email.utils.parsedate_to_datetime(replayed.headers["Date"]).timestamp()
+    assert 990 < date - time.time() < 1010  # fresh, from the (skewed) sandbox clock
+    with pytest.raises(wp.StaleAnswer):
+        merchant.verify(replayed, now=time.time() + 1000)  # judged by the clock its Date suggests
+    assert merchant.serial(replayed) == serial  # within 300 s of the real clock it verifies: a replay
+    assert [e["out_serial_number"] for e in merchant.sandbox.accepted()] == ["P1G1-000001"]  # not processed
+    assert [r["replayed"] for r in merchant.sandbox.requests()] == [False, True]
+    merchant.sandbox.set(replay_answer=False)
+    fresh = merchant.post(merchant.entry("P1G1-000002"), timestamp=int(time.time()) + 1000)
+    assert merchant.serial(fresh, now=time.time() + 1000) != serial
+
+
+def test_replay_age_gives_a_correctly_signed_stale_answer(merchant: Merchant) -> None:
+    merchant.sandbox.set(replay_answer=True, replay_age_s=3600)
+    answer = merchant.post(merchant.entry())
+    assert answer.status_code == 200
+    with pytest.raises(wp.StaleAnswer) as caught:
+        merchant.verify(answer)
+    assert abs(caught.value.timestamp - (time.time() - 3600)) < 5
+    date = email.utils.parsedate_to_datetime(answer.headers["Date"]).timestamp()
+    assert abs(date - time.time()) < 5
+    assert merchant.sandbox.accepted() == []
+    merchant.sandbox.set(replay_answer=False)
+    assert merchant.serial(merchant.post(merchant.entry()))
+
+
+def test_replay_answer_only_touches_entries(merchant: Merchant) -> None:
+    merchant.serial(merchant.post(merchant.entry()))
+    merchant.sandbox.set(replay_answer=True)
+    assert merchant.post_exit(merchant.exit()).status_code == 204
+    assert merchant.get(rq.parking_lot_target(merchant.sandbox.materials.parking_id)).status_code == 200
+    assert not any(r["replayed"] for r in merchant.sandbox.requests())
 
 
 # ---- TLS, materials and the config fragment ------------------------------------------------------
