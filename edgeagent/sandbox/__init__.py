@@ -1,7 +1,8 @@
 """A local stand-in of the WeChat Pay parking API for commissioning and tests (SPEC §8).
 
-`ca` mints and keeps the key material, `api` emulates the API (checks, idempotency, signed
-answers, misbehaviour knobs), `server` carries it over HTTPS and is the `edgeagent sandbox` command.
+`ca` mints and keeps the key material, `api` emulates the API (one route per kind of
+`requests.KINDS`: checks, idempotency, signed answers, misbehaviour knobs), `nonces` remembers request
+nonces for the replay check, `server` carries it over HTTPS and is the `edgeagent sandbox` command.
 """
 
 from edgeagent.sandbox.api import Knobs

@@ -94,8 +94,13 @@ class Sandbox:
         """Accepted entries, oldest first: the body's fields plus serial_number, received_at, repeats."""
         return self.api.accepted()
 
+    def exits(self) -> list[dict[str, Any]]:
+        """Accepted exits, oldest first: the body's fields plus received_at, request_id, repeats."""
+        return self.api.exits()
+
     def requests(self) -> list[dict[str, Any]]:
-        """Every API request seen, oldest first: at, method, path, status (None: dropped), code, out_serial_number."""
+        """Every API request seen, oldest first: at, kind, method, path, status (None: dropped), code,
+        out_serial_number, request_id, replayed."""
         return self.api.requests()
 
 

@@ -32,7 +32,7 @@ import httpx
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgeagent import wechatpay
+from edgeagent import requests, wechatpay
 from edgeagent.model import CarType, PlateColor, VehicleType
 
 COLORS = {"blue": PlateColor.BLUE, "yellow": PlateColor.YELLOW, "green": PlateColor.GREEN}
@@ -48,7 +48,7 @@ def main() -> int:
     key = wechatpay.load_private_key(Path(wx["merchant_private_key"]).read_bytes())
     platform = {wx["platform_public_key_id"]: wechatpay.load_public_key(Path(wx["platform_public_key"]).read_bytes())}
     http = httpx.Client(verify=wx.get("ca_file") or True, timeout=wx.get("timeout_s", 10))
-    url = wx["base_url"] + wechatpay.ENTRY_PATH
+    url = wx["base_url"] + requests.ENTRY_PATH
     out = sys.stdout
 
     def on_message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -56,8 +56,8 @@ def main() -> int:
         try:
             read = json.loads(msg.payload)
             serial = "BL" + re.sub(r"[^A-Za-z0-9]", "", str(read.get("event_id", "")))[:30]
-            body = wechatpay.build_entry_body(
-                wechatpay.EntryRequest(
+            body = requests.build_entry_body(
+                requests.EntryRequest(
                     out_serial_number=serial,
                     parking_id=parking_id,
                     plate_number=read["plate"],
@@ -78,6 +78,8 @@ def main() -> int:
                 nonce=wechatpay.new_nonce(),
                 wechatpay_serial=wx["platform_public_key_id"],
                 user_agent="naive-baseline/1.0",
+                method="POST",
+                target=requests.ENTRY_PATH,
             )
             response = http.post(url, content=body, headers=headers)
             wechatpay.verify_response(response.headers, response.content, platform, time.time())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from edgeagent import wechatpay
+from edgeagent import requests, wechatpay
 from edgeagent.model import CarType, PlateColor, VehicleType
 from tests.bench.harness import plate
 
@@ -40,7 +40,7 @@ def main() -> int:
     platform = {wx["platform_public_key_id"]: wechatpay.load_public_key(Path(wx["platform_public_key"]).read_bytes())}
     limits = httpx.Limits(max_connections=args.threads, max_keepalive_connections=args.threads)
     http = httpx.Client(verify=wx["ca_file"], timeout=30, limits=limits)
-    url = wx["base_url"] + wechatpay.ENTRY_PATH
+    url = wx["base_url"] + requests.ENTRY_PATH
     numbers = itertools.count()
     lock = threading.Lock()
     failed = [0]
@@ -51,8 +51,8 @@ def main() -> int:
                 n = next(numbers)
             if n >= args.count:
                 return
-            body = wechatpay.build_entry_body(
-                wechatpay.EntryRequest(
+            body = requests.build_entry_body(
+                requests.EntryRequest(
                     f"BLC{args.tag}{n}", parking_id, plate(24_000_000 + n), int(time.time()), PlateColor.BLUE,
                     CarType.TEMPORARY, VehicleType.SMALL,
                 )
@@ -66,6 +66,8 @@ def main() -> int:
                 nonce=wechatpay.new_nonce(),
                 wechatpay_serial=wx["platform_public_key_id"],
                 user_agent="bench-ceiling/1.0",
+                method="POST",
+                target=requests.ENTRY_PATH,
             )
             try:
                 response = http.post(url, content=body, headers=headers)

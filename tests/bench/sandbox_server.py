@@ -1,18 +1,11 @@
-"""The sandbox for the bench: edgeagent's sandbox, with two costs of its own taken out of the figures.
+"""The sandbox for the bench: edgeagent's own sandbox in a process of its own, quiet.
 
-Both are the sandbox's, not the agent's, and both would otherwise dominate what the bench measures:
-
-1. Nagle's algorithm. The sandbox writes an answer's headers and its body in two `send`s; with Nagle
-   on, the body waits for the client's ACK of the headers, which a client on a busy keep-alive
-   connection delays by Linux's 40 ms minimum. Back-to-back requests then take ~45 ms instead of ~4 ms
-   (measured on the bench machine). Turned off with `StreamRequestHandler.disable_nagle_algorithm`.
-2. Nonce pruning. `Api._authenticate` rebuilds its dict of every nonce seen in the last 300 s on each
-   request: O(requests in 5 minutes) per request. At a few hundred requests/s that grows to ~9 ms of
-   CPU per request and the sandbox, not the agent, sets the pace. `NonceMemory` keeps the same rule
-   (a nonce may not come again within 300 s) at O(1) per request.
-
-Upstream fixes would be `disable_nagle_algorithm = True` on `sandbox.server._Handler` and pruning the
-nonces from an expiry-ordered queue in `sandbox.api`; the bench does not edit the sandbox.
+It used to patch two of the sandbox's costs out of the figures (Nagle's algorithm on answers, and a
+nonce dict rebuilt on every request); both are fixed in the sandbox itself now
+(`sandbox.server._Handler.disable_nagle_algorithm`, `sandbox.nonces.NonceMemory`), so the bench
+measures the sandbox that ships. What remains is a separate interpreter (its own GIL, so the sandbox
+does not compete with the agent under test) and no log line per request (the bench reads
+/_sandbox/requests).
 
     python -m tests.bench.sandbox_server --dir DIR --port N
 """
@@ -24,64 +17,10 @@ import logging
 import signal
 import sys
 import threading
-import time
-from collections import deque
 from pathlib import Path
 from types import FrameType
 
-from edgeagent.sandbox import server
-from edgeagent.sandbox.api import Api
-
-
-class NonceMemory:
-    """What `Api._authenticate` needs of its nonce dict: prune, `in`, `setdefault`, in O(1) amortised.
-
-    The sandbox prunes by rebuilding the dict from `.items()`; here `.items()` is empty and expired
-    nonces leave from the front of an insertion-ordered queue instead (the sandbox clock is the system
-    clock in the bench: no `date_offset_s`).
-    """
-
-    def __init__(self) -> None:
-        self._until: dict[str, int] = {}
-        self._order: deque[tuple[int, str]] = deque()
-        self._lock = threading.Lock()
-
-    def items(self) -> tuple[()]:
-        return ()
-
-    def _expire(self) -> None:
-        now = time.time()
-        while self._order and self._order[0][0] <= now:
-            until, nonce = self._order.popleft()
-            if self._until.get(nonce) == until:
-                del self._until[nonce]
-
-    def __contains__(self, nonce: object) -> bool:
-        with self._lock:
-            self._expire()
-            return nonce in self._until
-
-    def setdefault(self, nonce: str, until: int) -> int:
-        with self._lock:
-            if nonce not in self._until:
-                self._until[nonce] = until
-                self._order.append((until, nonce))
-            return self._until[nonce]
-
-
-class BenchApi(Api):
-    """The sandbox's API with `NonceMemory` in place of its nonce dict; every rule is unchanged."""
-
-    @property  # type: ignore[override]
-    def _nonces(self) -> NonceMemory:
-        return self._memory
-
-    @_nonces.setter
-    def _nonces(self, value: object) -> None:
-        # Api.__init__ assigns {} once and _authenticate assigns the (empty) rebuilt dict on every
-        # request: the memory stays.
-        if not hasattr(self, "_memory"):
-            self._memory = NonceMemory()
+from edgeagent.sandbox import Sandbox
 
 
 def main() -> int:
@@ -90,10 +29,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)  # no line per request: the bench reads /_sandbox/requests
-    server._Handler.disable_nagle_algorithm = True
-    sandbox = server.Sandbox(Path(args.dir), args.port)
-    sandbox.api = BenchApi(sandbox.materials)
-    sandbox.start()
+    sandbox = Sandbox(Path(args.dir), args.port).start()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

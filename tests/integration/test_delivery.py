@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from edgeagent import wechatpay
 from edgeagent.clock import Clock
 from edgeagent.config import load
-from edgeagent.delivery import DeliveryLoop, PlatformKeys
+from edgeagent.delivery import DeliveryLoop
+from edgeagent.platform_keys import PlatformKeys
 from edgeagent.journal import Journal
 from edgeagent.sandbox import Sandbox
 from edgeagent.sandbox.ca import mint_ca
@@ -407,11 +408,11 @@ def test_a_clock_far_behind_the_apis_does_not_expire_fresh_entries(gate: Gate) -
     # sweeps for expired entries before anything else.
     config = load(gate.config)
     clock = Clock()
-    clock.learn(time.time() + 1000, time.time(), time.time())
+    clock.witness(int(time.time() + 1000), time.time(), time.time(), fresh=True)
     key = wechatpay.load_private_key(config.wechatpay.merchant_private_key.read_bytes())
     uplink = Uplink(config.wechatpay, clock)
     loop = DeliveryLoop(
-        config, Journal(config.journal_path), uplink, PlatformKeys(config, uplink, key, clock), key, clock
+        config, Journal(config.journal_path), uplink.request, PlatformKeys(config, uplink, key, clock), key, clock
     )
     worker = threading.Thread(target=loop.run, name="delivery-under-test")
     worker.start()
