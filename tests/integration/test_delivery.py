@@ -25,8 +25,8 @@ from edgeagent import wechatpay
 from edgeagent.clock import Clock
 from edgeagent.config import load
 from edgeagent.delivery import DeliveryLoop
-from edgeagent.platform_keys import PlatformKeys
 from edgeagent.journal import Journal
+from edgeagent.platform_keys import PlatformKeys
 from edgeagent.sandbox import Sandbox
 from edgeagent.sandbox.ca import mint_ca
 from edgeagent.uplink import Uplink

@@ -583,7 +583,9 @@ def test_parking_lot_query(merchant: Merchant) -> None:
         "parking_lot_address": doc["parking_lot_address"],
         "enabled_state": "ENABLED_STATE_ENABLED",
     }
-    assert rq.parse_lot(json.loads(response.content)) == rq.LotState("ENABLED_STATE_ENABLED", "", doc["parking_lot_name"])
+    assert rq.parse_lot(json.loads(response.content)) == rq.LotState(
+        "ENABLED_STATE_ENABLED", "", doc["parking_lot_name"]
+    )
     merchant.sandbox.set(lot_enabled_state="ENABLED_STATE_OFFLINE", lot_reason="进场时延过高")
     by_both = merchant.get(f"{rq.PARKING_LOT_PATH}?out_parking_lot_id=SANDBOX-LOT-001&wx_parking_lot_id={m.parking_id}")
     merchant.verify(by_both)
