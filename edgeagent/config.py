@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edgeagent.decoders import KNOWN_FORMATS
+from edgeagent.decoders import KNOWN_FORMATS, REPORTS_DIRECTION
 from edgeagent.errors import ConfigError
-from edgeagent.model import CarType, VehicleType
+from edgeagent.model import CarType, MatchMode, ReentryMode, VehicleType
 
 DEFAULT_PATH = Path("/etc/edgeagent/edgeagent.toml")
 ENTRANCE_NUMBER_RE = re.compile(r"[A-Za-z0-9]{1,128}")
@@ -89,6 +89,31 @@ class EntranceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExitConfig:
+    """`[[exits]]` (SPEC §3, §10). The number is local only: the exit API has no exit field."""
+
+    number: str
+    name: str
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsConfig:
+    """`[sessions]` (SPEC §3, §10): how exit reads find their session."""
+
+    match: MatchMode = MatchMode.CONFUSABLE
+    exit_hold_s: float = 30.0
+    reentry: ReentryMode = ReentryMode.CLOSE_PREVIOUS
+
+
+@dataclass(frozen=True, slots=True)
+class LotConfig:
+    """`[lot]` (SPEC §3, §11): the MQTT topic the lot's boxes share sessions under; "" = off."""
+
+    topic: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path
     state_dir: Path
@@ -98,6 +123,9 @@ class Config:
     mqtt: MqttConfig
     cameras: tuple[CameraConfig, ...]
     entrances: tuple[EntranceConfig, ...]
+    exits: tuple[ExitConfig, ...] = ()
+    sessions: SessionsConfig = SessionsConfig()
+    lot: LotConfig = LotConfig()
 
     @property
     def journal_path(self) -> Path:
@@ -393,8 +421,9 @@ def _parse_entrances(root: _Table, camera_ids: set[str]) -> list[EntranceConfig]
     seen_numbers: dict[str, str] = {}
     seen_sources: dict[str, str] = {}
     tables = _array_of_tables(root, "entrances")
-    if not tables:
-        root.problem("entrances", "at least one [[entrances]] is required")
+    if not tables and not root.data.get("exits"):
+        # An exit-only box is fine: in a lot of several boxes its entries are made elsewhere (SPEC §11).
+        root.problem("entrances", "at least one [[entrances]] or [[exits]] is required")
     for t in tables:
         number = t.get(
             "number",
@@ -449,6 +478,140 @@ def _parse_entrances(root: _Table, camera_ids: set[str]) -> list[EntranceConfig]
     return entrances
 
 
+# -- exits, sessions and the lot (SPEC §3, §10, §11) --------------------------------------------------
+
+SOURCE_RE = re.compile(r"[^:\s]+(:[^:\s]+)?")
+
+
+def _parse_exits_and_sessions(
+    root: _Table, cameras: list[CameraConfig], entrances: list[EntranceConfig]
+) -> tuple[list[ExitConfig], SessionsConfig, LotConfig]:
+    """`[[exits]]`, `[sessions]` and `[lot]`, then the rule that ties exits to entrances (SPEC §10)."""
+    exits = _parse_exits(root, {c.id for c in cameras}, {e.number for e in entrances})
+    _check_source_roles(root, {c.id: c.format for c in cameras})
+    sessions_table = root.table("sessions")
+    sessions = _parse_sessions(sessions_table)
+    sessions_table.done()
+    lot_table = root.table("lot")
+    lot = LotConfig(topic=lot_table.get("topic", str, "", _lot_topic))
+    lot_table.done()
+    return exits, sessions, lot
+
+
+def _parse_exits(root: _Table, camera_ids: set[str], entrance_numbers: set[str]) -> list[ExitConfig]:
+    exits: list[ExitConfig] = []
+    seen_numbers: dict[str, str] = {}
+    seen_sources: dict[str, str] = {}
+    for t in _array_of_tables(root, "exits"):
+        number = t.get(
+            "number",
+            str,
+            REQUIRED,
+            lambda v: None if ENTRANCE_NUMBER_RE.fullmatch(v) else f"{v!r} must be 1-128 letters and digits (like X01)",
+        )
+        name = t.get(
+            "name",
+            str,
+            REQUIRED,
+            lambda v: None if 1 <= len(v) <= 64 else f"must be 1-64 characters, got {len(v)}",
+        )
+        sources = t.get("sources", list, REQUIRED)
+        t.done()
+        if number in seen_numbers:
+            t.problem(t.key("number"), f'duplicate exit number "{number}" (also {seen_numbers[number]})')
+        elif number in entrance_numbers:
+            # Local only, but `events` and `sessions` show both numbers side by side: one name, one gate.
+            t.problem(t.key("number"), f'"{number}" is already an entrance number (give the exit its own, like X01)')
+        seen_numbers.setdefault(number, t.path)
+        if t.data.get("sources") == []:
+            t.problem(t.key("sources"), "must name at least one camera")
+        clean_sources: list[str] = []
+        for i, source in enumerate(sources):
+            key = f"{t.key('sources')}[{i}]"
+            if not isinstance(source, str) or not SOURCE_RE.fullmatch(source):
+                t.problem(key, f'expected "camera" or "camera:lane", got {source!r}')
+                continue
+            camera = source.split(":", 1)[0]
+            if camera not in camera_ids:
+                t.problem(key, f'unknown camera "{camera}" (known: {", ".join(sorted(camera_ids))})')
+            if source in seen_sources:
+                t.problem(key, f'"{source}" is already a source of {seen_sources[source]}')
+            seen_sources.setdefault(source, t.path)
+            clean_sources.append(source)
+        exits.append(ExitConfig(number, name, tuple(clean_sources)))
+    return exits
+
+
+def _role_sources(root: _Table, name: str, camera_formats: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(source, key path, owner path) of every well-formed source of a known camera in `[[name]]`."""
+    found: list[tuple[str, str, str]] = []
+    tables = root.data.get(name)
+    for i, table in enumerate(tables if isinstance(tables, list) else []):
+        sources = table.get("sources") if isinstance(table, dict) else None
+        for j, source in enumerate(sources if isinstance(sources, list) else []):
+            # Malformed sources and unknown cameras are reported where they are parsed.
+            if isinstance(source, str) and SOURCE_RE.fullmatch(source) and source.split(":")[0] in camera_formats:
+                found.append((source, f"{name}[{i}].sources[{j}]", f"{name}[{i}]"))
+    return found
+
+
+def _check_source_roles(root: _Table, camera_formats: Mapping[str, str]) -> None:
+    """A camera's lanes feed entrances or exits, never both, except a two-way lane (SPEC §10).
+
+    Within one role a lane source wins over the whole camera ("cam:1" and "cam" may both appear), but
+    across roles that would make a lane's role depend on which line is more specific, so any overlap
+    ("cam" and "cam:1", or the same source) is an error. The one exception is the same source under
+    an entrance and an exit, on a camera whose format reports a direction: routing decides by the
+    read's direction, and a read without one is rejected `no_direction`.
+    """
+    entrance_sources = _role_sources(root, "entrances", camera_formats)
+    for source, key, _owner in _role_sources(root, "exits", camera_formats):
+        camera, _, lane = source.partition(":")
+        for other, _other_key, owner in entrance_sources:
+            other_camera, _, other_lane = other.partition(":")
+            if other_camera != camera or (lane and other_lane and lane != other_lane):
+                continue
+            fmt = camera_formats[camera]
+            if source != other:
+                root.problem(
+                    key,
+                    f'"{source}" overlaps "{other}" of {owner} (a lane feeds an entrance or an exit; '
+                    f"list the same source under both only for a two-way lane)",
+                )
+            elif fmt not in REPORTS_DIRECTION:
+                root.problem(
+                    key,
+                    f'"{source}" is also a source of {owner}, but camera "{camera}" is {fmt}, whose reads do not '
+                    f"say in or out (a two-way lane needs one of: {', '.join(sorted(REPORTS_DIRECTION))})",
+                )
+
+
+def _parse_sessions(t: _Table) -> SessionsConfig:
+    match = t.get("match", str, MatchMode.CONFUSABLE.value, _one_of(tuple(m.value for m in MatchMode)))
+    reentry = t.get("reentry", str, ReentryMode.CLOSE_PREVIOUS.value, _one_of(tuple(m.value for m in ReentryMode)))
+    return SessionsConfig(
+        match=MatchMode(match) if match in tuple(MatchMode) else MatchMode.CONFUSABLE,
+        exit_hold_s=t.get("exit_hold_s", float, 30.0, _in_range(0, 86400)),
+        reentry=ReentryMode(reentry) if reentry in tuple(ReentryMode) else ReentryMode.CLOSE_PREVIOUS,
+    )
+
+
+def _lot_topic(value: str) -> str | None:
+    """A topic name to publish under (MQTT 3.1.1 §4.7): the agent adds /<out_serial_number>."""
+    if not value:
+        return None  # off
+    if set(value) & {"+", "#"}:
+        return f"{value!r} must be a topic name without wildcards (the agent subscribes to <topic>/# itself)"
+    # MQTT caps a topic at 65535 bytes; "/<out_serial_number>/exit" adds at most 70 (SPEC §11).
+    if "\0" in value or len(value.encode("utf-8")) > 65535 - 70:
+        return "must be at most 65465 bytes with no NUL character"
+    if value.startswith("$"):
+        return f"{value!r} must not start with $ (reserved for the broker, e.g. $SYS)"
+    if value.endswith("/"):
+        return f"{value!r} must not end with / (the agent adds /<out_serial_number>)"
+    return None
+
+
 def parse(text: str, source: Path, *, check_files: bool = True) -> Config:
     """Parse TOML `text` read from `source` into a `Config`, or raise `ConfigError` with every problem.
 
@@ -484,13 +647,26 @@ def parse(text: str, source: Path, *, check_files: bool = True) -> Config:
     mqtt_table.done()
     cameras = _parse_cameras(root)
     entrances = _parse_entrances(root, {c.id for c in cameras})
+    exits, sessions, lot = _parse_exits_and_sessions(root, cameras, entrances)
     root.done()
     if problems:
         raise ConfigError(problems)
     state_path = Path(os.path.expandvars(state_dir))
     if not state_path.is_absolute():
         state_path = source.parent / state_path
-    return Config(source, state_path, serial_prefix, wechatpay, parking, mqtt, tuple(cameras), tuple(entrances))
+    return Config(
+        source,
+        state_path,
+        serial_prefix,
+        wechatpay,
+        parking,
+        mqtt,
+        tuple(cameras),
+        tuple(entrances),
+        tuple(exits),
+        sessions,
+        lot,
+    )
 
 
 def resolve_path(cli_value: str | None) -> Path:

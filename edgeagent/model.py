@@ -61,6 +61,27 @@ class TimeSource(enum.StrEnum):
     AGENT = "agent"
 
 
+class Direction(enum.StrEnum):
+    """Which way a car passed, when the camera says so (SPEC §10: two-way lanes, 同进同出)."""
+
+    IN = "in"
+    OUT = "out"
+
+
+class MatchMode(enum.StrEnum):
+    """`[sessions] match` (SPEC §3, §10): the same plate only, or also one confusable character."""
+
+    EXACT = "exact"
+    CONFUSABLE = "confusable"
+
+
+class ReentryMode(enum.StrEnum):
+    """`[sessions] reentry` (SPEC §3, §10): what an entry does to an open session of the same plate."""
+
+    CLOSE_PREVIOUS = "close_previous"
+    KEEP = "keep"
+
+
 class Reason(enum.StrEnum):
     """Why a read did not become an entry. Stable names: they appear in `events` and in tests."""
 
@@ -73,6 +94,7 @@ class Reason(enum.StrEnum):
     LOW_CONFIDENCE = "low_confidence"
     UNKNOWN_CAMERA = "unknown_camera"
     UNMAPPED_LANE = "unmapped_lane"
+    NO_DIRECTION = "no_direction"  # a two-way source's read that does not say which way (SPEC §10)
     TIME_IN_FUTURE = "time_in_future"  # no longer produced (issue 9: the agent's time is used); old rows keep it
     REPEAT = "repeat"
 
@@ -85,6 +107,7 @@ class PlateRead:
     `captured_at` is Unix seconds (UTC) from the camera's clock, `None` when it gave none.
     `confidence` is already normalised to 0..1. `record_id` is the vendor's id of this record,
     which makes redeliveries and offline re-sends idempotent. `is_replay` marks offline re-sends.
+    `direction` is the way the car passed as the camera reported it, `None` when it did not say.
     """
 
     plate: str | None
@@ -95,6 +118,7 @@ class PlateRead:
     confidence: float | None = None
     record_id: str | None = None
     is_replay: bool = False
+    direction: Direction | None = None
 
 
 @dataclass(frozen=True, slots=True)

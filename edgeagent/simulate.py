@@ -4,8 +4,8 @@ Pure code: `render` returns a concrete topic and the payload bytes; publishing i
 The payloads are in each vendor's own wire shape (Vzenith's base64 envelope, Qianyi's flat result,
 Hikvision's ISAPI XML, Frigate's `lpr` update), so commissioning exercises the same decoder a real
 camera will, and `decoders.decode(fmt, topic, payload)` gives the read back — except for what a
-format cannot carry: Vzenith and Qianyi have no lane, Frigate no colour, and Frigate never reports a
-no-plate read (its update with an empty plate decodes as Ignored).
+format cannot carry: Vzenith and Qianyi have no lane, Frigate no colour, only generic and Qianyi a
+direction, and Frigate never reports a no-plate read (its update with an empty plate decodes as Ignored).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from xml.sax.saxutils import escape
 
-from edgeagent.decoders import generic, hikvision, qianyi, vzenith
+from edgeagent.decoders import REPORTS_DIRECTION, generic, hikvision, qianyi, vzenith
 from edgeagent.decoders._common import plate_text
-from edgeagent.model import PlateColor
+from edgeagent.model import Direction, PlateColor
 
 # Literals that replace MQTT wildcards: (`+` inside a filter, `+`/`#` at its end) per format.
 VZENITH_SERIAL = "e06e0000-00000001"  # the 8-8 hex shape of a Vzenith serial (§2.5)
@@ -62,6 +62,7 @@ class _Read:
     when: float
     record_id: str
     confidence: float
+    direction: Direction | None = None
 
     @property
     def seen(self) -> bool:
@@ -83,15 +84,19 @@ def render(
     when: float,
     record_id: str,
     confidence: float = 0.95,
+    direction: Direction | None = None,
 ) -> tuple[str, bytes]:
     """Return (topic, payload) for one read in `fmt`'s wire shape, published under `topic_filter`.
 
-    Raises ValueError for an unknown format, or a colour the format has no code for.
+    Raises ValueError for an unknown format, a colour the format has no code for, or a direction
+    given for a format that cannot report one (it would be dropped, and a two-way lane reject the read).
     """
     if fmt not in _RENDERERS:
         raise ValueError(f"unknown format {fmt!r} (known: {', '.join(_RENDERERS)})")
+    if direction is not None and fmt not in REPORTS_DIRECTION:
+        raise ValueError(f"{fmt} cannot report a direction (only {', '.join(sorted(REPORTS_DIRECTION))} can)")
     topic = concrete_topic(fmt, topic_filter)
-    body = _RENDERERS[fmt](_Read(topic, plate, color, lane, when, record_id, confidence))
+    body = _RENDERERS[fmt](_Read(topic, plate, color, lane, when, record_id, confidence, direction))
     if isinstance(body, str):
         return topic, body.encode("utf-8")
     return topic, json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -105,6 +110,8 @@ def _generic(read: _Read) -> dict[str, Any]:
         body["color"] = short[read.color]
     if read.lane is not None:
         body["lane"] = _int_if_digits(read.lane)
+    if read.direction is not None:
+        body["direction"] = read.direction.value
     return body
 
 
@@ -138,7 +145,9 @@ def _qianyi(read: _Read) -> dict[str, Any]:
     if read.color is not None:
         name = next(name for name, value in qianyi.COLORS.items() if value is read.color)
         body["plate_color"] = name if read.color in (PlateColor.OTHER, PlateColor.UNKNOWN) else name + "色"
-    return body | {"utc_ts": round(read.when * 1000), "inout": "in", "trigger_type": "video"}
+    # `inout` is the camera's report of the way the car went (§3.3); without one it is left out.
+    body |= {"inout": read.direction.value} if read.direction is not None else {}
+    return body | {"utc_ts": round(read.when * 1000), "trigger_type": "video"}
 
 
 def _hikvision(read: _Read) -> str:

@@ -28,6 +28,13 @@ REGISTRY: dict[str, Decoder] = {
 # Every format SPEC §3 names; each has a decoder in REGISTRY.
 KNOWN_FORMATS: tuple[str, ...] = ("generic", "vzenith", "qianyi", "hikvision", "frigate")
 
+# Formats whose reads can say which way the car went (`PlateRead.direction`), so one of their sources
+# may feed both an entrance and an exit (a two-way lane, SPEC §10): generic's `direction`, Qianyi's
+# `inout` (anpr-formats.md §3.3). Vzenith's `direction` (§2.5) and Hikvision's `direction` (§4.2) are
+# motion in the picture or against the mounting (left/right, forward/reverse), not in or out of the
+# lot; Frigate has no such field (§7). They stay one-way until a camera mapping says otherwise.
+REPORTS_DIRECTION: frozenset[str] = frozenset({"generic", "qianyi"})
+
 
 def decode(fmt: str, topic: str, payload: bytes) -> PlateRead | Ignored:
     """Decode `payload` received on `topic` with the decoder registered for `fmt`."""

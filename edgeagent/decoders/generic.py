@@ -1,7 +1,7 @@
 """edgeagent's own camera format (SPEC §4), for bridges and cameras that can be told what to send.
 
     {"plate": "粤B12345", "color": "blue", "time": 1720078200, "lane": 1, "vehicle_type": "small",
-     "confidence": 0.97, "event_id": "c7f1e2", "replay": false}
+     "confidence": 0.97, "event_id": "c7f1e2", "replay": false, "direction": "in"}
 
 Only `plate` is required; unknown keys are ignored so a bridge may add its own. The topic is not used.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TypeVar
 
 from edgeagent.decoders._common import Fields, bad, load_json_object, plate_text, type_name
-from edgeagent.model import Ignored, PlateColor, PlateRead, VehicleType
+from edgeagent.model import Direction, Ignored, PlateColor, PlateRead, VehicleType
 
-E = TypeVar("E", PlateColor, VehicleType)
+E = TypeVar("E", PlateColor, VehicleType, Direction)
 
 # SPEC §4's short names, then every PLATE_COLOR_* / VEHICLE_TYPE_* value; looked up in lower case.
 COLORS: dict[str, PlateColor] = {
@@ -31,6 +31,8 @@ VEHICLE_TYPES: dict[str, VehicleType] = {
     "large": VehicleType.LARGE,
     "extra_large": VehicleType.EXTRA_LARGE,
 } | {vtype.value.lower(): vtype for vtype in VehicleType}
+# `direction` (SPEC §10): which way the car passed a two-way lane; only these two words.
+DIRECTIONS: dict[str, Direction] = {direction.value: direction for direction in Direction}
 
 
 def decode(topic: str, payload: bytes) -> PlateRead | Ignored:
@@ -52,6 +54,7 @@ def decode(topic: str, payload: bytes) -> PlateRead | Ignored:
         confidence=fields.confidence("confidence", 1.0),
         record_id=fields.ident("event_id"),
         is_replay=replay,
+        direction=_choice(fields, "direction", DIRECTIONS),
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from edgeagent.decoders._common import Fields, bad, load_json_object, plate_text
-from edgeagent.model import Ignored, PlateColor, PlateRead, VehicleType
+from edgeagent.model import Direction, Ignored, PlateColor, PlateRead, VehicleType
 
 T = TypeVar("T", PlateColor, VehicleType)
 
@@ -77,7 +77,19 @@ def decode(topic: str, payload: bytes) -> PlateRead | Ignored:
         confidence=fields.confidence("confidence", CONFIDENCE_SCALE),
         record_id=fields.ident("msg_id"),  # 13-digit ms time + 7 random chars; the dedup key (§3.1)
         is_replay=kind == "offline",  # "type=offline 为断网续传结果" (§3.1)
+        direction=_direction(fields),
     )
+
+
+def _direction(fields: Fields) -> Direction | None:
+    """`inout` "in" / "out" (§3.3), any case; anything else is None, not an error.
+
+    The field is only needed on a two-way lane, where a read without it is rejected `no_direction`
+    by routing (SPEC §10); failing the whole read here would also lose reads of one-way lanes,
+    whose role comes from the config, over a field they do not need.
+    """
+    text = (fields.text("inout") or "").strip().lower()
+    return Direction(text) if text in ("in", "out") else None
 
 
 def _lookup(fields: Fields, key: str, names: dict[str, T], unknown: T) -> T | None:

@@ -205,7 +205,18 @@ def test_status_states(config: Config, changes: dict[str, Any], state: str, prob
 BANNED = {"paho", "httpx", "sqlite3"}
 PURE = [
     PACKAGE / f"{name}.py"
-    for name in ("model", "errors", "plates", "routing", "screening", "pipeline", "requests", "policy", "wechatpay")
+    for name in (
+        "model",
+        "errors",
+        "plates",
+        "routing",
+        "screening",
+        "sessions",
+        "pipeline",
+        "requests",
+        "policy",
+        "wechatpay",
+    )
 ]
 PURE += sorted((PACKAGE / "decoders").glob("*.py"))
 

@@ -18,7 +18,7 @@ from edgeagent import config as config_module
 from edgeagent.config import Config, load, parse
 from edgeagent.decoders import KNOWN_FORMATS, REGISTRY
 from edgeagent.errors import ConfigError
-from edgeagent.model import CarType, VehicleType
+from edgeagent.model import CarType, MatchMode, ReentryMode, VehicleType
 from tests.conftest import Keys
 
 WECHATPAY = """\
@@ -470,3 +470,212 @@ def test_key_file_that_is_not_a_key_fails_check_with_78(tmp_path: Path, files: t
     stdout, _ = proc.communicate(timeout=30)
     assert proc.returncode == 78
     assert "FAIL merchant private key" in stdout
+
+
+# -- exits, sessions, lot (SPEC §3, §10, §11) ------------------------------------------------------
+
+EXIT_CAMERAS = (
+    CAMERAS
+    + """
+[[cameras]]
+id = "exit-1"
+topic = "anpr/exit-1/plate"
+format = "vzenith"
+
+[[cameras]]
+id = "gate-q"
+topic = "aiot/plate/+"
+format = "qianyi"
+"""
+)
+EXITS = """
+[[exits]]
+number = "X01"
+name = "南门出口"
+sources = ["exit-1"]
+"""
+
+
+def exit_config(tmp_path: Path, files: tuple[Path, Path], exits: str, *, entrances: str = ENTRANCES, top: str = ""):
+    return config_text(*files, cameras=EXIT_CAMERAS, entrances=entrances + exits, top=top)
+
+
+def test_exits_sessions_and_lot_defaults(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    config = parse_text(tmp_path, config_text(*files))
+    assert config.exits == ()
+    assert config.sessions == config_module.SessionsConfig(MatchMode.CONFUSABLE, 30.0, ReentryMode.CLOSE_PREVIOUS)
+    assert config.lot.topic == ""  # off
+
+    config = parse_text(tmp_path, exit_config(tmp_path, files, EXITS))
+    assert config.exits == (config_module.ExitConfig("X01", "南门出口", ("exit-1",)),)
+
+
+def test_sessions_and_lot_values_are_read(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    text = exit_config(tmp_path, files, EXITS)
+    text += '\n[sessions]\nmatch = "exact"\nexit_hold_s = 0\nreentry = "keep"\n'
+    text += '\n[lot]\ntopic = "lots/WXPARK001/sessions"\n'
+    config = parse_text(tmp_path, text)
+    assert config.sessions.match is MatchMode.EXACT
+    assert config.sessions.exit_hold_s == 0.0
+    assert config.sessions.reentry is ReentryMode.KEEP
+    assert config.lot.topic == "lots/WXPARK001/sessions"
+
+
+def test_an_exit_only_box_needs_no_entrance(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    config = parse_text(tmp_path, config_text(*files, cameras=EXIT_CAMERAS, entrances=EXITS))
+    assert config.entrances == ()
+    assert [e.number for e in config.exits] == ["X01"]
+    [problem] = problems_of(tmp_path, config_text(*files, entrances=""))
+    assert ": entrances: at least one [[entrances]] or [[exits]] is required" in problem
+
+
+@pytest.mark.parametrize("source", ["south-1", "north-1:1", "gate-q"])  # generic, generic lane, qianyi
+def test_two_way_lane_on_a_camera_that_reports_direction(tmp_path: Path, files: tuple[Path, Path], source: str) -> None:
+    entrances = ENTRANCES + '\n[[entrances]]\nnumber = "Q01"\nname = "双向"\nsources = ["gate-q"]\n'
+    exits = f'\n[[exits]]\nnumber = "X09"\nname = "双向出口"\nsources = ["{source}"]\n'
+    config = parse_text(tmp_path, exit_config(tmp_path, files, exits, entrances=entrances))
+    assert config.exits[0].sources == (source,)
+
+
+def test_lanes_of_one_camera_may_split_between_entrance_and_exit(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    exits = '\n[[exits]]\nnumber = "X02"\nname = "北门出口"\nsources = ["north-1:2"]\n'
+    config = parse_text(tmp_path, exit_config(tmp_path, files, exits))
+    assert config.exits[0].sources == ("north-1:2",)  # north-1:1 is entrance B01
+
+
+def test_exit_lane_source_wins_over_whole_camera_within_exits(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    exits = EXITS + '\n[[exits]]\nnumber = "X02"\nname = "出口二"\nsources = ["exit-1:2"]\n'
+    config = parse_text(tmp_path, exit_config(tmp_path, files, exits))
+    assert [e.sources for e in config.exits] == [("exit-1",), ("exit-1:2",)]
+
+
+TWO_WAY_ENTRANCE = '\n[[entrances]]\nnumber = "E01"\nname = "出口相机"\nsources = ["exit-1"]\n'
+EXIT_ERROR_CASES: list[tuple[str, str, str, str]] = [
+    # (case id, extra [[entrances]], [[exits]] and more, expected "key.path: problem" prefix)
+    (
+        "two-way-on-a-camera-without-direction",
+        TWO_WAY_ENTRANCE,
+        EXITS,
+        'exits[0].sources[0]: "exit-1" is also a source of entrances[2], but camera "exit-1" is vzenith, '
+        "whose reads do not say in or out (a two-way lane needs one of: generic, qianyi)",
+    ),
+    (
+        "whole-camera-entrance-lane-exit",
+        "",
+        '\n[[exits]]\nnumber = "X01"\nname = "南门出口"\nsources = ["south-1:1"]\n',
+        'exits[0].sources[0]: "south-1:1" overlaps "south-1" of entrances[0] (a lane feeds an entrance or an '
+        "exit; list the same source under both only for a two-way lane)",
+    ),
+    (
+        "lane-entrance-whole-camera-exit",
+        "",
+        '\n[[exits]]\nnumber = "X01"\nname = "北门出口"\nsources = ["north-1"]\n',
+        'exits[0].sources[0]: "north-1" overlaps "north-1:1" of entrances[1]',
+    ),
+    (
+        "source-in-two-exits",
+        "",
+        EXITS + '\n[[exits]]\nnumber = "X02"\nname = "出口二"\nsources = ["exit-1"]\n',
+        'exits[1].sources[0]: "exit-1" is already a source of exits[0]',
+    ),
+    (
+        "duplicate-exit-number",
+        "",
+        EXITS + '\n[[exits]]\nnumber = "X01"\nname = "出口二"\nsources = ["exit-1:3"]\n',
+        'exits[1].number: duplicate exit number "X01" (also exits[0])',
+    ),
+    (
+        "exit-number-is-an-entrance-number",
+        "",
+        EXITS.replace('"X01"', '"A01"'),
+        'exits[0].number: "A01" is already an entrance number (give the exit its own, like X01)',
+    ),
+    ("exit-number-with-dash", "", EXITS.replace('"X01"', '"X-01"'), "exits[0].number: 'X-01' must be 1-128"),
+    ("exit-name-empty", "", EXITS.replace('"南门出口"', '""'), "exits[0].name: must be 1-64 characters, got 0"),
+    ("exit-without-sources", "", EXITS.replace('["exit-1"]', "[]"), "exits[0].sources: must name at least one"),
+    ("exit-missing-name", "", EXITS.replace('name = "南门出口"\n', ""), "exits[0].name: required key is missing"),
+    (
+        "exit-unknown-camera",
+        "",
+        EXITS.replace('["exit-1"]', '["exit-9"]'),
+        'exits[0].sources[0]: unknown camera "exit-9"',
+    ),
+    (
+        "exit-malformed-source",
+        "",
+        EXITS.replace('["exit-1"]', '["exit-1:2:3"]'),
+        'exits[0].sources[0]: expected "camera" or "camera:lane", got \'exit-1:2:3\'',
+    ),
+    ("exit-unknown-key", "", EXITS + 'direction = "out"\n', "exits[0].direction: unknown key"),
+    (
+        "bad-match-mode",
+        "",
+        EXITS + '\n[sessions]\nmatch = "fuzzy"\n',
+        "sessions.match: unknown value 'fuzzy' (known: exact, confusable)",
+    ),
+    (
+        "bad-reentry",
+        "",
+        EXITS + '\n[sessions]\nreentry = "refuse"\n',
+        "sessions.reentry: unknown value 'refuse' (known: close_previous, keep)",
+    ),
+    ("negative-exit-hold", "", EXITS + "\n[sessions]\nexit_hold_s = -1\n", "sessions.exit_hold_s: must be between 0"),
+    ("sessions-unknown-key", "", EXITS + "\n[sessions]\nfuzzy_pairs = []\n", "sessions.fuzzy_pairs: unknown key"),
+    ("lot-topic-wildcard", "", EXITS + '\n[lot]\ntopic = "lots/+/sessions"\n', "lot.topic: 'lots/+/sessions' must"),
+    ("lot-topic-hash", "", EXITS + '\n[lot]\ntopic = "lots/#"\n', "lot.topic: 'lots/#' must be a topic name"),
+    ("lot-topic-dollar", "", EXITS + '\n[lot]\ntopic = "$SYS/lot"\n', "lot.topic: '$SYS/lot' must not start"),
+    ("lot-topic-trailing-slash", "", EXITS + '\n[lot]\ntopic = "lots/a/"\n', "lot.topic: 'lots/a/' must not end"),
+    ("lot-topic-nul", "", EXITS + '\n[lot]\ntopic = "lots\\u0000a"\n', "lot.topic: must be at most"),
+    ("lot-unknown-key", "", EXITS + '\n[lot]\nbox_id = "gate1"\n', "lot.box_id: unknown key"),
+]
+
+
+@pytest.mark.parametrize(
+    ("entrances", "exits", "expected"), [c[1:] for c in EXIT_ERROR_CASES], ids=[c[0] for c in EXIT_ERROR_CASES]
+)
+def test_each_exit_error_is_one_line_naming_the_key(
+    tmp_path: Path, files: tuple[Path, Path], entrances: str, exits: str, expected: str
+) -> None:
+    text = exit_config(tmp_path, files, exits, entrances=ENTRANCES + entrances)
+    problems = problems_of(tmp_path, text)
+    assert len(problems) == 1, problems
+    [problem] = problems
+    assert "\n" not in problem
+    assert problem.startswith(f"{tmp_path / 'edgeagent.toml'}: {expected}"), problem
+
+
+def test_exits_that_are_not_an_array_of_tables(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    [problem] = problems_of(tmp_path, exit_config(tmp_path, files, "", top='exits = "X01"'))
+    assert problem.endswith(": exits: expected an array of tables ([[exits]])")
+
+
+def test_every_exit_problem_is_reported_at_once(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    exits = (
+        '\n[[exits]]\nnumber = "A01"\nname = "一"\nsources = ["south-1:1", "exit-1"]\n'
+        '\n[[exits]]\nnumber = "A01"\nname = "二"\nsources = ["exit-1", "west-9"]\n'
+        '\n[sessions]\nmatch = "fuzzy"\n\n[lot]\ntopic = "lots/#"\n'
+    )
+    problems = problems_of(tmp_path, exit_config(tmp_path, files, exits))
+    assert sorted(p.split(": ")[1] for p in problems) == [
+        "exits[0].number",
+        "exits[0].sources[0]",
+        "exits[1].number",
+        "exits[1].sources[0]",
+        "exits[1].sources[1]",
+        "lot.topic",
+        "sessions.match",
+    ]
+
+
+def test_the_deploy_example_parses(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "edgeagent.toml.example"
+    config = parse(example.read_text("utf-8"), example, check_files=False)
+    assert config.sessions == config_module.SessionsConfig()
+    assert config.lot == config_module.LotConfig()
+    # The commented-out [[exits]] block is valid as written once uncommented (with a camera to feed it).
+    text = example.read_text("utf-8")
+    block = text[text.index("# [[exits]]") : text.index("[sessions]")]
+    uncommented = "\n".join(line.removeprefix("# ") for line in block.splitlines())
+    camera = '[[cameras]]\nid = "south-2"\ntopic = "anpr/south-2/plate"\n'
+    config = parse(text.replace(block, camera + uncommented + "\n"), example, check_files=False)
+    assert [(e.number, e.sources) for e in config.exits] == [("X01", ("south-2",))]

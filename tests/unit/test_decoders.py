@@ -17,7 +17,7 @@ import pytest
 
 from edgeagent.decoders import KNOWN_FORMATS, REGISTRY, decode
 from edgeagent.errors import DecodeError
-from edgeagent.model import Ignored, PlateColor, PlateRead, VehicleType
+from edgeagent.model import Direction, Ignored, PlateColor, PlateRead, VehicleType
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "decoders"
 PAYLOAD_NAMES = ("payload.json", "payload.xml", "payload.bin")
@@ -47,6 +47,8 @@ def _expected_read(expected: dict[str, Any]) -> PlateRead:
         values["color"] = PlateColor(values["color"])
     if values.get("vehicle_type") is not None:
         values["vehicle_type"] = VehicleType(values["vehicle_type"])
+    if values.get("direction") is not None:
+        values["direction"] = Direction(values["direction"])
     return PlateRead(**values)
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.config import Config, load
+from edgeagent.config import Config, EntranceConfig, ExitConfig, load
+from edgeagent.model import Direction, Reason
 from edgeagent.routing import Router, topic_matches
 from tests.unit.test_config import config_text, key_files
 
@@ -115,3 +116,98 @@ def test_lanes_are_compared_as_text(config: Config) -> None:
     router = Router.build(config)
     assert router.entrance_for("north", "01") is None  # decoders turn lane 1 into "1"; "01" is another lane
     assert router.entrance_for("unknown-camera", "1") is None
+
+
+# -- exits and two-way lanes (SPEC §10) ------------------------------------------------------------
+
+GATE_CAMERAS = """\
+[[cameras]]
+id = "in-cam"
+topic = "anpr/in-cam/plate"
+
+[[cameras]]
+id = "out-cam"
+topic = "anpr/out-cam/plate"
+format = "vzenith"
+
+[[cameras]]
+id = "both"
+topic = "anpr/both/plate"
+
+[[cameras]]
+id = "split"
+topic = "anpr/split/plate"
+format = "qianyi"
+"""
+GATES = """\
+[[entrances]]
+number = "A01"
+name = "入口"
+sources = ["in-cam", "both", "split:1"]
+
+[[exits]]
+number = "X01"
+name = "出口"
+sources = ["out-cam", "both"]
+
+[[exits]]
+number = "X02"
+name = "出口二"
+sources = ["split:2", "out-cam:9"]
+"""
+
+
+@pytest.fixture
+def gates(tmp_path: Path) -> Router:
+    key, pub = key_files(tmp_path / "keys")
+    path = tmp_path / "edgeagent.toml"
+    path.write_text(config_text(key, pub, cameras=GATE_CAMERAS, entrances=GATES), encoding="utf-8")
+    return Router.build(load(path))
+
+
+def _number(result: EntranceConfig | ExitConfig | Reason) -> str:
+    return result.value if isinstance(result, Reason) else result.number
+
+
+@pytest.mark.parametrize(
+    ("camera", "lane", "direction", "expected"),
+    [
+        # One-way lanes: the config is the role, whatever the read says.
+        ("in-cam", None, None, "A01"),
+        ("in-cam", "3", Direction.OUT, "A01"),
+        ("out-cam", None, None, "X01"),
+        ("out-cam", "1", Direction.IN, "X01"),
+        ("out-cam", "9", None, "X02"),  # a lane source wins over the whole camera among exits too
+        ("split", "1", Direction.OUT, "A01"),
+        ("split", "2", Direction.IN, "X02"),
+        # Unmapped: no guess.
+        ("split", "3", Direction.IN, "unmapped_lane"),
+        ("split", None, None, "unmapped_lane"),
+        ("nowhere", None, Direction.OUT, "unmapped_lane"),
+        # Two-way lane: the read's direction decides; none → no_direction.
+        ("both", None, Direction.IN, "A01"),
+        ("both", "7", Direction.OUT, "X01"),
+        ("both", None, None, "no_direction"),
+        ("both", "7", None, "no_direction"),
+    ],
+)
+def test_route(gates: Router, camera: str, lane: str | None, direction: Direction | None, expected: str) -> None:
+    assert _number(gates.route(camera, lane, direction)) == expected
+
+
+def test_entrance_for_is_unchanged_for_existing_callers(gates: Router) -> None:
+    entrance = gates.entrance_for("both", None)
+    assert entrance is not None and entrance.number == "A01"  # blind to direction, as before
+    assert gates.entrance_for("out-cam", None) is None
+    exit_ = gates.exit_for("out-cam", "9")
+    assert exit_ is not None and exit_.number == "X02"
+    assert gates.exit_for("in-cam", None) is None
+
+
+def test_route_without_exits_matches_entrance_for(config: Config) -> None:
+    router = Router.build(config)
+    for camera, lane in [("south-1", None), ("south-1", "7"), ("north", "1"), ("north", "3"), ("x", None)]:
+        for direction in (None, *Direction):
+            routed = router.route(camera, lane, direction)
+            entrance = router.entrance_for(camera, lane)
+            assert routed == (entrance if entrance is not None else Reason.UNMAPPED_LANE)

@@ -11,8 +11,8 @@ import json
 import pytest
 
 from edgeagent import simulate
-from edgeagent.decoders import KNOWN_FORMATS, decode
-from edgeagent.model import Ignored, PlateColor, PlateRead
+from edgeagent.decoders import KNOWN_FORMATS, REPORTS_DIRECTION, decode
+from edgeagent.model import Direction, Ignored, PlateColor, PlateRead
 from edgeagent.routing import topic_matches
 
 FILTERS = {
@@ -54,6 +54,20 @@ def test_render_decodes_back_to_the_read(fmt: str, color: PlateColor | None) -> 
     assert read.confidence == pytest.approx(0.87)
     assert read.record_id == "90813"
     assert read.is_replay is False
+    assert read.direction is None  # not asked for, not sent: a one-way lane's role is the config's
+
+
+@pytest.mark.parametrize("direction", list(Direction))
+@pytest.mark.parametrize("fmt", sorted(REPORTS_DIRECTION))
+def test_direction_round_trips_where_the_format_carries_it(fmt: str, direction: Direction) -> None:
+    _, _, read = _round_trip(fmt, direction=direction)
+    assert isinstance(read, PlateRead) and read.direction is direction
+
+
+@pytest.mark.parametrize("fmt", sorted(set(KNOWN_FORMATS) - REPORTS_DIRECTION))
+def test_direction_is_refused_where_the_format_cannot_carry_it(fmt: str) -> None:
+    with pytest.raises(ValueError, match="cannot report a direction"):
+        _round_trip(fmt, direction=Direction.OUT)
 
 
 @pytest.mark.parametrize("fmt", KNOWN_FORMATS)
