@@ -133,8 +133,6 @@ def _probe_lot(config: Config) -> bool:
     try:
         key = wechatpay.load_private_key(wx.merchant_private_key.read_bytes())
         keys = PlatformKeys(config, uplink, key, clock)
-        if keys.certificate_mode and not keys.keys:
-            keys.refresh()
         answer = parking_lot.query(config, uplink, keys, key, clock)
     except (OSError, KeyFileError, EdgeAgentError) as exc:
         return _line(False, f"signed request to the API: {exc}", "key, serial and mchid must belong together")

@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from edgeagent.decoders import KNOWN_FORMATS, REPORTS_DIRECTION
 from edgeagent.errors import ConfigError
@@ -26,6 +26,10 @@ DEFAULT_PATH = Path("/etc/edgeagent/edgeagent.toml")
 ENTRANCE_NUMBER_RE = re.compile(r"[A-Za-z0-9]{1,128}")
 SERIAL_PREFIX_RE = re.compile(r"[A-Za-z0-9]{1,12}")
 TIMESTAMP_SOURCES = ("camera", "agent", "auto")
+TimestampSource = Literal["camera", "agent", "auto"]
+Format = Literal["generic", "vzenith", "qianyi", "hikvision", "frigate"]  # decoders.FORMATS, as a type
+PRIMARY_BASE_URL = "https://api.mch.weixin.qq.com"
+BACKUP_BASE_URL = "https://api2.mch.weixin.qq.com"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +54,7 @@ class ParkingConfig:
     repeat_window_s: float
     min_confidence: float
     max_entry_age_s: float
-    timestamp_source: str
+    timestamp_source: TimestampSource
     default_car_type: CarType
     car_type_lists: tuple[tuple[CarType, Path], ...]
 
@@ -75,7 +79,7 @@ class MqttConfig:
 class CameraConfig:
     id: str
     topic: str
-    format: str
+    format: Format
     min_confidence: float | None
 
 
@@ -303,8 +307,12 @@ def _parse_wechatpay(t: _Table) -> WeChatPayConfig:
         platform_public_key=pub,
         platform_public_key_id=pub_id,
         apiv3_key_file=apiv3,
-        base_url=t.get("base_url", str, "https://api.mch.weixin.qq.com", _url).rstrip("/"),
-        backup_base_url=t.get("backup_base_url", str, "", _url).rstrip("/"),
+        base_url=(base_url := t.get("base_url", str, PRIMARY_BASE_URL, _url).rstrip("/")),
+        # The backup domain is the official primary's sibling (wechatpay-api.md §5): the default only
+        # when base_url is the official one, never behind a sandbox or a private gateway.
+        backup_base_url=t.get(
+            "backup_base_url", str, BACKUP_BASE_URL if base_url == PRIMARY_BASE_URL else "", _url
+        ).rstrip("/"),
         ca_file=t.path_value("ca_file", ""),
         timeout_s=t.get("timeout_s", float, 10.0, _in_range(0.1, 300)),
         max_in_flight=t.get("max_in_flight", int, 4, _in_range(1, 64)),
@@ -332,7 +340,7 @@ def _parse_parking(t: _Table) -> ParkingConfig:
         repeat_window_s=t.get("repeat_window_s", float, 120.0, _in_range(0, 86400)),
         min_confidence=t.get("min_confidence", float, 0.0, _in_range(0, 1)),
         max_entry_age_s=t.get("max_entry_age_s", float, 604800.0, _in_range(60)),
-        timestamp_source=t.get("timestamp_source", str, "auto", _one_of(TIMESTAMP_SOURCES)),
+        timestamp_source=cast(TimestampSource, t.get("timestamp_source", str, "auto", _one_of(TIMESTAMP_SOURCES))),
         default_car_type=CarType(_enum_value(t, "default_car_type", CarType, CarType.TEMPORARY.value)),
         car_type_lists=tuple(lists),
     )
@@ -412,7 +420,7 @@ def _parse_cameras(root: _Table) -> list[CameraConfig]:
         if topic in seen_topics:
             t.problem(t.key("topic"), f'topic "{topic}" is already used by {seen_topics[topic]}')
         seen_topics.setdefault(topic, t.path)
-        cameras.append(CameraConfig(cam_id, topic, fmt, None if min_conf < 0 else min_conf))
+        cameras.append(CameraConfig(cam_id, topic, cast(Format, fmt), None if min_conf < 0 else min_conf))
     return cameras
 
 

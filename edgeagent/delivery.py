@@ -112,6 +112,7 @@ class DeliveryLoop:
         self._wake = threading.Event()
         self._results: queue.Queue[_Answered] = queue.Queue()
         self._fresh: deque[Due] = deque()  # journaled a moment ago by ingest, handed over directly
+        self._ready: deque[Due] = deque()  # taken for sending, waiting for their rate slots
         self._backlog = True  # until due() says otherwise, older requests may be waiting
         self._in_flight: set[int] = set()
         self._unmarked: dict[int, Marked] = {}  # answered, not yet journaled
@@ -150,8 +151,9 @@ class DeliveryLoop:
     def runtime_status(self) -> dict[str, Any]:
         v, t = self.view, self.throttle
         mono = self.clock.monotonic()
-        paused = t.paused(mono)
-        until = None if not paused or t.paused_until is None else self.clock.system() + (t.paused_until - mono)
+        paused_until, cause, field = t.paused_until, t.pause_cause, t.pause_field  # one consistent reading
+        paused = paused_until is not None and paused_until > mono and cause is not None
+        until = self.clock.system() + (paused_until - mono) if paused and paused_until is not None else None
         return {
             "last_success_at": _iso(v.last_success_at),
             "last_error": v.last_error,
@@ -161,8 +163,8 @@ class DeliveryLoop:
             "last_request_id": v.last_request_id,
             "base_url_in_use": self._base_url(),
             "paused": paused,
-            "pause_cause": t.pause_cause if paused else None,
-            "pause_field": (t.pause_field or None) if paused else None,
+            "pause_cause": cause if paused else None,
+            "pause_field": (field or None) if paused else None,
             "paused_until": _iso(until),
             "in_flight": len(self._in_flight),
             "attempts": v.attempts,
@@ -180,8 +182,11 @@ class DeliveryLoop:
             self.config.wechatpay.max_in_flight,
             self.config.wechatpay.max_rate_per_s,
         )
-        if self.keys.certificate_mode and not self.keys.keys:
-            self._refresh_certificates()
+        if self.keys.certificate_mode:
+            try:
+                self.keys.ensure()
+            except DeliveryError as exc:
+                log.warning("platform_certificates_refresh_failed error=%s", exc.summary)
         while not self._stop.is_set():
             wait = self.step()
             self._wake.wait(wait)
@@ -230,12 +235,38 @@ class DeliveryLoop:
         self._housekeeping(mono)
         hold = self.throttle.wait(mono)
         if hold > 0:
-            self._fresh.clear()  # they stay pending in the journal; due() finds them after the hold
+            # They stay pending in the journal; due() finds them again after the hold.
+            self._fresh.clear()
+            self._ready.clear()
             return min(1.0, hold)
         free = self.config.wechatpay.max_in_flight - len(self._in_flight)
         if free <= 0:
             return 1.0
-        busy = (*self._in_flight, *self._unmarked)
+        busy = {*self._in_flight, *self._unmarked}
+        if not self._ready:
+            self._ready.extend(self._take(free, busy))
+        dispatched = 0
+        while self._ready and dispatched < free:
+            mono = self.clock.monotonic()
+            if self._next_slot > mono:
+                # Not yet: the rest of this batch goes at the next slots, in order, without a new query
+                # (a request answered meanwhile, e.g. paused and due again at once, must not jump ahead).
+                return self._next_slot - mono
+            due = self._ready.popleft()
+            if due.id in busy:
+                continue
+            self._next_slot = max(self._next_slot, mono) + self._spacing
+            self._in_flight.add(due.id)
+            self._executor.submit(self._attempt, due)
+            dispatched += 1
+        if dispatched:
+            return 0.0 if dispatched == free else 0.05
+        next_at = self.journal.next_due_at()
+        return 1.0 if next_at is None else max(0.01, min(1.0, next_at - self.clock.now()))
+
+    def _take(self, free: int, busy: set[int]) -> list[Due]:
+        """The next requests to send: fresh entries handed over by ingest when nothing older waits, else
+        the journal's due requests, oldest first."""
         batch: list[Due] = []
         if self._fresh and not self._backlog:
             while self._fresh and len(batch) < free:
@@ -243,26 +274,15 @@ class DeliveryLoop:
                 if item.id not in busy:
                     batch.append(item)
         self._fresh.clear()  # the rest (if any) is older work's turn: due() has them
-        if not batch:
-            try:
-                batch = self.journal.due(self.clock.now(), free, exclude=busy)
-            except JournalError as exc:
-                self.journal_error = str(exc)
-                return 1.0
-            self._backlog = len(batch) == free
-        for due in batch:
-            mono = self.clock.monotonic()
-            if self._next_slot > mono:
-                # Not yet: this one's turn comes at the next slot (it stays pending; due() finds it again).
-                self._backlog = True
-                return self._next_slot - mono
-            self._next_slot = max(self._next_slot, mono) + self._spacing
-            self._in_flight.add(due.id)
-            self._executor.submit(self._attempt, due)
         if batch:
-            return 0.0 if len(batch) == free else 0.05
-        next_at = self.journal.next_due_at()
-        return 1.0 if next_at is None else max(0.01, min(1.0, next_at - self.clock.now()))
+            return batch
+        try:
+            batch = self.journal.due(self.clock.now(), free, exclude=tuple(busy))
+        except JournalError as exc:
+            self.journal_error = str(exc)
+            return []
+        self._backlog = len(batch) == free
+        return batch
 
     def _attempt(self, due: Due) -> None:
         """One signed request of one row, in a pool thread. Never raises: the reply goes on the queue."""
@@ -322,10 +342,10 @@ class DeliveryLoop:
         spec = KINDS[due.kind]
         now = self.clock.now()
         reading = policy.read(spec, reply, self.keys.keys, now)
-        if isinstance(reply, Answer) and reading.server_time is not None:
+        if isinstance(reply, Answer) and policy.teaches_clock(reading):
             # Only a verified signature teaches us the API's clock (SPEC §5); a stale one needs company.
             if self.clock.witness(
-                reading.server_time, reply.sent_at, reply.received_at, fresh=reading.server_time_fresh
+                reading.server_time or 0, reply.sent_at, reply.received_at, fresh=reading.server_time_fresh
             ) and self.throttle.paused(self.clock.monotonic()):
                 # Our clock was the cause of the 401s: sign again now with the corrected time.
                 log.info("delivery_pause_lifted cause=clock_corrected offset_s=%.1f", self.clock.offset or 0.0)
@@ -334,6 +354,8 @@ class DeliveryLoop:
         outcome, self.history = policy.decide(
             reading, request=due.id, attempts=due.attempts, history=self.history, now=now, rng=self._rng
         )
+        if isinstance(outcome, policy.Sent) and outcome.serial_number:
+            outcome = self._unique_serial(due, outcome, now)
         mono = self.clock.monotonic()
         was_paused = self.throttle.paused(mono)
         self.throttle.record(outcome, mono, reading.retry_after)
@@ -350,6 +372,29 @@ class DeliveryLoop:
         )
         answered_at = reply.received_at if isinstance(reply, Answer) else None
         return Marked(due.id, outcome, answered_at, uncertain)
+
+    def _unique_serial(self, due: Due, sent: policy.Sent, now: float) -> policy.Outcome:
+        """A serial_number WeChat gave another request cannot confirm this one: a replayed answer."""
+        owner = next(
+            (
+                i
+                for i, m in self._unmarked.items()
+                if i != due.id and isinstance(m.outcome, policy.Sent) and m.outcome.serial_number == sent.serial_number
+            ),
+            None,
+        )
+        if owner is None:
+            try:
+                owner = self.journal.serial_owner(sent.serial_number or "")
+            except JournalError:
+                owner = None
+        if owner is None or owner == due.id:
+            return sent
+        reason = (
+            f"response_unverified: serial_number {sent.serial_number} already belongs to #{owner} (a replayed answer?)"
+        )
+        log.warning("answer_refused id=%d reason=%r", due.id, reason)
+        return policy.Retry(now + policy.backoff(due.attempts, self._rng), reason, sent.request_id, True)
 
     def _account(self, due: Due, reading: policy.Reading, outcome: policy.Outcome) -> None:
         v = self.view

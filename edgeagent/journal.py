@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random
+
 from edgeagent import policy
 from edgeagent.errors import JournalError
 from edgeagent.model import REJECTED_PAYLOAD_CAP, Entry, EntryState, Inbound, Reason, Rejection
@@ -172,6 +174,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_camera ON events (camera, received_at);
     CREATE INDEX events_state ON events (state, id);
     CREATE INDEX events_answered ON events (kind, answered_at) WHERE answered_at IS NOT NULL;
+    CREATE INDEX events_serial ON events (serial_number) WHERE serial_number IS NOT NULL;
     """,
 )
 
@@ -238,6 +241,10 @@ def boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
+
+
+def _busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
 
 
 def _translate(exc: sqlite3.Error) -> JournalError:
@@ -313,10 +320,16 @@ class Journal:
                 self._db.execute("ROLLBACK")
             raise
 
+    @retry(retry=retry_if_exception(_busy), stop=stop_after_attempt(3), wait=wait_random(0.05, 0.25), reraise=True)
+    def _attempt(self, work: Callable[[], Any]) -> Any:
+        with self._transaction():
+            return work()
+
     def _write(self, work: Callable[[], Any]) -> Any:
+        """Run `work` in one IMMEDIATE transaction. SQLITE_BUSY past the 5 s busy timeout (a reader's
+        checkpoint, a `retry` command) is tried twice more in process before it becomes a JournalError."""
         try:
-            with self._transaction():
-                return work()
+            return self._attempt(work)
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
 
@@ -450,12 +463,15 @@ class Journal:
     # -- delivery -----------------------------------------------------------------------------
 
     def due(self, now: float, limit: int, exclude: Sequence[int] = ()) -> list[Due]:
-        """Pending requests whose next attempt is due, oldest first, skipping ids already in flight.
+        """Pending requests whose next attempt is due, oldest first, skipping ids already in flight and
+        requests whose prerequisite (`depends_on`: an exit's entry) is not sent yet.
         A NULL next attempt (a re-queued request) is due at once."""
         skip = set(exclude)
         rows = self._query(
-            "SELECT id, kind, out_serial_number, body, attempts, received_at FROM events "
-            "WHERE state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id LIMIT ?",
+            "SELECT id, kind, out_serial_number, body, attempts, received_at FROM events AS r "
+            "WHERE state = 'pending' AND (next_attempt_at IS NULL OR next_attempt_at <= ?) "
+            "AND (depends_on IS NULL OR EXISTS (SELECT 1 FROM events AS p WHERE p.id = r.depends_on "
+            "AND p.state = 'sent')) ORDER BY id LIMIT ?",
             (now, limit + len(skip)),
         )
         due = [Due(r[0], Kind(r[1]), r[2], bytes(r[3]), r[4], r[5]) for r in rows if r[0] not in skip]
@@ -469,6 +485,11 @@ class Journal:
             (row_id,),
         )
         return None if not rows else Due(rows[0][0], Kind(rows[0][1]), rows[0][2], bytes(rows[0][3]), *rows[0][4:6])
+
+    def serial_owner(self, serial_number: str) -> int | None:
+        """The row already holding WeChat's `serial_number`, if any (one serial_number, one request)."""
+        rows = self._query("SELECT id FROM events WHERE serial_number = ? LIMIT 1", (serial_number,))
+        return None if not rows else int(rows[0][0])
 
     def next_due_at(self) -> float | None:
         """When the earliest pending request becomes due, or None when nothing is pending."""

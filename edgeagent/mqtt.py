@@ -23,6 +23,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from edgeagent import failpoints
 from edgeagent.config import CameraConfig, MqttConfig
@@ -249,6 +250,16 @@ def apply_credentials(client: paho.Client, config: MqttConfig) -> None:
         )
 
 
+@retry(
+    retry=retry_if_exception_type(ConnectionRefusedError),  # a broker restarting: try twice more, briefly
+    stop=stop_after_attempt(3),
+    wait=wait_exponential(multiplier=0.25, max=1),
+    reraise=True,
+)
+def _connect_once(client: paho.Client, config: MqttConfig) -> None:
+    client.connect(config.host, config.port, keepalive=10)
+
+
 def publish_once(config: MqttConfig, topic: str, payload: bytes, *, client_id: str, timeout: float = 10.0) -> None:
     """Connect with the agent's broker settings, publish one QoS 1 message, wait for its PUBACK.
 
@@ -257,7 +268,7 @@ def publish_once(config: MqttConfig, topic: str, payload: bytes, *, client_id: s
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id)
     apply_credentials(client, config)
     try:
-        client.connect(config.host, config.port, keepalive=10)
+        _connect_once(client, config)
     except (OSError, ssl.SSLError) as exc:
         raise OSError(f"cannot connect to MQTT broker {config.host}:{config.port}: {exc}") from exc
     client.loop_start()

@@ -19,6 +19,7 @@ from tenacity import RetryCallState, retry, retry_if_result, stop_after_attempt,
 from edgeagent import policy, requests, wechatpay
 from edgeagent.clock import Clock
 from edgeagent.config import Config
+from edgeagent.errors import DeliveryError
 from edgeagent.platform_keys import PlatformKeys
 from edgeagent.requests import KINDS, BodyError, Kind
 from edgeagent.status import iso
@@ -73,6 +74,11 @@ def _query_with_retries(
 ) -> LotAnswer:
     wx = config.wechatpay
     spec = KINDS[Kind.PARKING_LOT]
+    if keys.certificate_mode:
+        try:
+            keys.ensure()
+        except DeliveryError as exc:
+            return LotAnswer(None, None, None, f"platform certificates: {exc.summary}", clock.system(), True)
     target = requests.parking_lot_target(config.parking.parking_id)
     headers = wechatpay.request_headers(
         key=private_key,
@@ -90,8 +96,8 @@ def _query_with_retries(
     reply = uplink.request(spec.method, target, headers)
     reading = policy.read(spec, reply, keys.keys, clock.now())
     checked = clock.system()
-    if isinstance(reply, policy.Answer) and reading.server_time is not None:
-        clock.witness(reading.server_time, reply.sent_at, reply.received_at, fresh=reading.server_time_fresh)
+    if isinstance(reply, policy.Answer) and policy.teaches_clock(reading):
+        clock.witness(reading.server_time or 0, reply.sent_at, reply.received_at, fresh=reading.server_time_fresh)
     if reading.verdict is not policy.Verdict.ACCEPTED or reading.document is None:
         transient = reading.verdict in (policy.Verdict.TRANSIENT, policy.Verdict.UNVERIFIED)
         return LotAnswer(None, None, None, reading.summary, checked, transient)

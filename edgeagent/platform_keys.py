@@ -69,11 +69,17 @@ class PlatformKeys:
         except (OSError, DeliveryError, ValueError, KeyError):
             return
 
-    def refresh(self) -> None:
+    def ensure(self) -> None:
+        """Fetch the platform certificates unless some are known already (one fetch for all callers)."""
+        self.refresh(only_if_missing=True)
+
+    def refresh(self, *, only_if_missing: bool = False) -> None:
         """Fetch the platform certificates now (certificate mode only). Raises DeliveryError kinds."""
         if self._apiv3 is None:
             return
         with self._lock:
+            if only_if_missing and self.keys:
+                return
             answer = self._download()
             fresh = wechatpay.parse_certificates(answer.body, self._apiv3)
             wechatpay.verify_response(answer.headers, answer.body, {**self.keys, **fresh}, self._clock.now())

@@ -265,6 +265,16 @@ def _accepted(spec: KindSpec, base: Reading, body: bytes) -> Reading:
     return replace(base, summary=f"HTTP {status} without serial_number")
 
 
+def teaches_clock(reading: Reading) -> bool:
+    """Whether `reading` may teach us the API's clock (SPEC §5): its signature verified, and, when its
+    timestamp is stale, it is not a 2xx. The API accepts a request only when our timestamp is within
+    300 s of its clock, so a 2xx signed more than 300 s off ours contradicts itself: a replayed or
+    broken answer, never evidence. A stale refusal (401: "timestamp off") is the API telling us."""
+    if reading.server_time is None:
+        return False
+    return reading.server_time_fresh or not (reading.status is not None and 200 <= reading.status < 300)
+
+
 def decide(
     reading: Reading, *, request: int, attempts: int, history: History, now: float, rng: random.Random
 ) -> tuple[Outcome, History]:
@@ -358,15 +368,16 @@ class Throttle:
         """Take one outcome into account."""
         if isinstance(outcome, Sent):
             self.failures = self.pause_level = 0
-            self.paused_until = self.pause_cause = None
-            self.pause_field = ""
+            self.paused_until = None
+            self.pause_cause, self.pause_field = None, ""
             return
         if isinstance(outcome, Pause):
+            # The cause first: another thread (the heartbeat) reading a pause must find its cause.
+            self.pause_cause, self.pause_field = outcome.reason, outcome.field
             if not self.paused(mono):
                 pause = min(PAUSE_CAP_S, PAUSE_BASE_S * 2**self.pause_level) * self.rng.uniform(0.8, 1.0)
                 self.pause_level = min(self.pause_level + 1, 10)
                 self.paused_until = mono + pause
-            self.pause_cause, self.pause_field = outcome.reason, outcome.field
             return
         if isinstance(outcome, Retry):
             if mono >= self.hold_until:
@@ -379,8 +390,8 @@ class Throttle:
 
     def lift(self) -> None:
         """End a pause now (the technician re-queued requests after a fix)."""
-        self.paused_until = self.pause_cause = None
-        self.pause_field = ""
+        self.paused_until = None
+        self.pause_cause, self.pause_field = None, ""
 
 
 # -- the states of a journaled request -----------------------------------------------------------

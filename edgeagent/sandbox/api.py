@@ -153,6 +153,7 @@ class Knobs:
     date_offset_s: float = 0.0  # skew the sandbox clock: Date header and request timestamp check
     drop_connection: bool = False  # close the connection without answering
     non_json_error: bool = False  # answer 500 with an HTML page, as a broken proxy would
+    fail_queries: bool = False  # the failure knobs also hit the lot query (by default only entries and exits)
     lot_enabled_state: str = LOT_ENABLED  # the lot query's enabled_state (one of LOT_STATES)
     lot_reason: str = ""  # the lot query's reason, e.g. "进场时延过高"
     duplicate_refusal: bool = False  # a repeated out_serial_number: 400 INVALID_REQUEST "…重复"
@@ -333,10 +334,13 @@ class Api:
             knobs = replace(self._knobs)
         if knobs.latency_s:
             time.sleep(knobs.latency_s)  # the knob's whole point: a slow server
-        failure = self._take_failure()
-        call = _Call(method, target, headers, body, time.time() + knobs.date_offset_s, _request_id(), knobs)
         path = urlsplit(target).path
         spec = kind_of_path(method, path)
+        # Failure knobs aim at the outbox's requests (entries, exits): an agent's lot query at start must
+        # not use up a `fail_count` a test or a technician meant for them, unless `fail_queries` says so.
+        query = spec is not None and not spec.journaled
+        failure = None if query and not knobs.fail_queries else self._take_failure()
+        call = _Call(method, target, headers, body, time.time() + knobs.date_offset_s, _request_id(), knobs)
         kind = spec.kind.value if spec else "certificates" if (method, path) == ("GET", CERTIFICATES_PATH) else None
         reply: Reply | None
         if failure is None:

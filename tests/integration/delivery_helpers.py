@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from edgeagent.journal import Journal
 from edgeagent.localbroker import free_port
 from edgeagent.sandbox import Sandbox
+from edgeagent.status import event_view
 from tests.conftest import CAMERAS_DEFAULT, Agent, Broker, Publisher, eventually, run_cli
 
 SOUTH, NORTH = "anpr/south-1/plate", "anpr/north-1/plate"
@@ -97,7 +98,7 @@ def journal_rows(config_state_dir: Path) -> list[dict[str, Any]]:
     """Every journal row, oldest first, read as `events` does (read-only, never blocking the daemon)."""
     journal = Journal(config_state_dir / "journal.sqlite3", readonly=True)
     try:
-        return list(reversed(journal.events(limit=1_000_000)))
+        return [event_view(row) for row in reversed(journal.events(limit=1_000_000))]
     finally:
         journal.close()
 

@@ -281,3 +281,13 @@ def test_the_rule_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    import sqlite3\n    from paho.mqtt import client\n")
     assert {"sqlite3", "paho.mqtt"} <= imported_modules(sample)
+
+
+def test_the_format_type_names_every_decoder() -> None:
+    """config.Format (the type of cameras[].format) and the decoder registry are one closed set."""
+    from typing import get_args  # noqa: PLC0415
+
+    from edgeagent.config import Format  # noqa: PLC0415
+    from edgeagent.decoders import KNOWN_FORMATS  # noqa: PLC0415
+
+    assert set(get_args(Format)) == set(KNOWN_FORMATS)
