@@ -263,16 +263,20 @@ first_config() {
         "$HERE/edgeagent.toml.example"
 }
 
-# The broker drop-in with the camera-LAN listener: from --camera-lan, else as installed now.
+# The broker drop-in with the camera-LAN listener: from --camera-lan, else as installed now. The
+# listener's own settings ("#keyword" lines up to the end marker) are switched on with it: under
+# per_listener_settings they would otherwise bind to the agent's listener above them.
 broker_conf() {
-    local line
-    if [ -n "$CAMERA_LAN" ]; then
-        line="listener 1883 $CAMERA_LAN"
-    else
-        line="$(awk '/^# camera-lan listener/ { getline; print; exit }' "$(r "$BROKER_CONF")" 2>/dev/null || true)"
-        [ -n "$line" ] || line="#listener 1883 CAMERA_LAN_ADDRESS"
+    local address="$CAMERA_LAN"
+    if [ -z "$address" ]; then
+        address="$(awk '/^# camera-lan listener/ { getline; if ($1 == "listener") print $3; exit }' \
+            "$(r "$BROKER_CONF")" 2>/dev/null || true)"
     fi
-    awk -v line="$line" '{ print } /^# camera-lan listener/ { getline; print line }' "$HERE/mosquitto/edgeagent.conf"
+    awk -v address="$address" '
+        /^# camera-lan listener/ { block = 1; print; next }
+        /^# end of camera-lan listener/ { block = 0 }
+        block && address != "" && /^#[a-z]/ { line = substr($0, 2); sub(/CAMERA_LAN_ADDRESS/, address, line); print line; next }
+        { print }' "$HERE/mosquitto/edgeagent.conf"
 }
 
 random_password() { head -c 18 /dev/urandom | base64 | tr -d '+/='; }
