@@ -305,3 +305,58 @@ def test_camera_user_refuses_grants_that_reach_beyond_the_cameras_own_topic(tmp_
     # simulate's own account stands in for the camera; the agent's account writes no camera topic.
     assert "user edgeagent-simulate\ntopic write anpr/south-1/plate\n" in acl
     assert "user edgeagent\ntopic write anpr/" not in acl
+
+
+# -- Medium: packet size -----------------------------------------------------------------------------
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_the_broker_refuses_oversized_packets_and_the_agent_survives_a_near_limit_flood(
+    lane: Lane, tmp_path: Path, keys: Keys, agent_factory: Any
+) -> None:
+    shipped = re.search(r"^max_packet_size (\d+)$", rendered_dropin(CAMERA_LAN), re.M)
+    limit = int(shipped.group(1)) if shipped else 1024 * 1024  # asserted at the end: behaviour first
+    south = lane.camera("south-1", "anpr/south-1/plate")
+    lane.start()
+    config = agent_config(tmp_path, keys, lane.port, lane.agent_password)
+    agent: Agent = agent_factory(config)
+    agent.start()
+    wait_agent_connected(config)
+    assert agent.proc is not None
+    camera = Camera(lane.port, "south-1", south)
+    try:
+        eventually(lambda: camera.connects >= 1, what="camera connected")
+        # 8 MiB, a stand-in for the review's 256 MiB: the broker drops the connection, no PUBACK.
+        big = camera.publish("anpr/south-1/plate", {"plate": "粤B99999", "image": "A" * (8 << 20)})
+        eventually(lambda: camera.disconnects >= 1, what="the broker dropping the oversized publish")
+        assert not big.is_published()
+        camera.close()  # its firmware would resend for ever; this one gives up
+        camera = Camera(lane.port, "south-1", south)
+        eventually(lambda: camera.connects >= 1, what="camera back")
+        # The flood: 60 messages just under the limit, as fast as the broker takes them.
+        filler = "A" * (limit - 300)
+        infos = [
+            camera.publish("anpr/south-1/plate", {"plate": f"粤C{i:05d}", "event_id": f"f{i}", "image": filler})
+            for i in range(60)
+        ]
+        for info in infos:
+            info.wait_for_publish(timeout=60)
+        camera.publish("anpr/south-1/plate", {"plate": "粤D00001", "event_id": "after"}).wait_for_publish(timeout=10)
+        eventually(lambda: "粤D00001" in entry_plates(config), timeout=120, interval=1, what="the read after the flood")
+        assert agent.alive()
+        rows = events(config)
+        assert len([r for r in rows if r["state"] != "rejected"]) == 61
+        assert [r for r in rows if r["state"] == "rejected"] == []  # the 8 MiB message never reached it
+        peak = peak_rss_mib(agent.proc.pid)
+        print(f"agent peak RSS after a {len(infos)} x {limit - 300} byte flood: {peak:.0f} MiB")
+        assert peak < 300
+        assert shipped is not None and limit <= 1024 * 1024
+    finally:
+        camera.close()
