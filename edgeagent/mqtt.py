@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgeagent import failpoints
-from edgeagent.config import CameraConfig, MqttConfig
+from edgeagent.config import CameraConfig, MqttConfig, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,10 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect in the background; paho reconnects by itself with capped backoff."""
+        if not self._config.tls and not is_loopback(self._config.host):
+            log.warning(
+                "mqtt_without_tls host=%s (the password and the reads cross the network in clear)", self._config.host
+            )
         with self._lock:
             self._state = LinkState.CONNECTING
         self._client.connect_async(self._config.host, self._config.port, keepalive=self._config.keepalive_s)
