@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -66,8 +67,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edgeagent import daemon, delivery  # noqa: PLC0415
 
     setup_logging(args.verbose)
+    protect_process()
     config = _config(args)
     return daemon.run(config, delivery.make)
+
+
+def protect_process() -> None:
+    """No core dumps and private files, also outside systemd (issue 12).
+
+    A core dump would hold the merchant key and the broker password in clear. The unit sets
+    LimitCORE=0 and UMask=0027 (group-readable journal for `status`); started by hand from a shell
+    with umask 022 the journal came out 0644, readable by every user of the box: outside systemd
+    ($INVOCATION_ID unset) the daemon's files are 0600.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if not os.environ.get("INVOCATION_ID"):
+        os.umask(0o077)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -129,8 +144,21 @@ def cmd_events(args: argparse.Namespace) -> int:
                 what += f" wx={row['serial_number']}"
             if row["last_error"] and row["state"] != "sent":
                 what += f" error={row['last_error']}"
-        print(f"{row['id']:>7} {when} {row['state']:<8} {where:<16} {what}"[:200])
+        print(terminal_safe(f"{row['id']:>7} {when} {row['state']:<8} {where:<16} {what}"[:200]))
     return EXIT_OK
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with control characters shown as \\xNN (issue 12).
+
+    Rows carry what a camera sent (lane, plate, a decoder's detail quoting the payload): an escape
+    sequence in there must not retitle, clear or rewrite the technician's terminal. --json needs
+    no help: json.dumps escapes every control character.
+    """
+    return text.translate(_CONTROL)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
