@@ -7,6 +7,7 @@ Errors are one line on stderr naming the file, the key and the problem.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from edgeagent.config import Config, load, resolve_path
 from edgeagent.errors import ConfigError, EdgeAgentError, JournalError, KeyFileError
 
 EXIT_OK, EXIT_DEGRADED, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64, 78
+SIMULATE_USER, SIMULATE_PASSWORD = "edgeagent-simulate", "simulate.password"
 STATE_EXIT = {"ok": EXIT_OK, "degraded": EXIT_DEGRADED, "down": EXIT_FAILED}
 
 log = logging.getLogger("edgeagent")
@@ -212,8 +214,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         when=time.time(),
         record_id=record_id,
     )
+    # Its own broker account where install.sh made one (issue 12): the agent's may no longer write
+    # camera topics. simulate.password sits next to the config, root:root 0600 (run it with sudo).
+    account = config.mqtt
+    secret = config.source.parent / SIMULATE_PASSWORD
+    if secret.exists():
+        account = dataclasses.replace(account, username=SIMULATE_USER, password_file=secret)
     try:
-        publish_once(config.mqtt, topic, payload, client_id=f"{config.mqtt.client_id}-simulate")
+        publish_once(account, topic, payload, client_id=f"{config.mqtt.client_id}-simulate")
     except OSError as exc:
         print(f"edgeagent simulate: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -225,7 +225,8 @@ def test_staged_tree_has_the_files_owners_and_modes(staged: Staged) -> None:
     expected = {
         "etc/edgeagent": (0o750, "root", "edgeagent"),
         "etc/edgeagent/edgeagent.toml": (0o640, "root", "edgeagent"),
-        "etc/edgeagent/mqtt.password": (0o640, "root", "edgeagent"),
+        "etc/edgeagent/mqtt.password": (0o600, "root", "root"),  # LoadCredential= (issue 12)
+        "etc/edgeagent/simulate.password": (0o600, "root", "root"),
         "var/lib/edgeagent": (0o750, "edgeagent", "edgeagent"),
         "etc/systemd/system/edgeagent.service": (0o644, "root", "root"),
         "etc/systemd/system/mosquitto.service.d/edgeagent.conf": (0o644, "root", "root"),
@@ -257,7 +258,7 @@ def test_installed_config_is_the_example_with_the_broker_account_filled_in(stage
     path = staged.root / "etc/edgeagent/edgeagent.toml"
     config = parse(path.read_text(encoding="utf-8"), path, check_files=False)
     assert config.mqtt.username == "edgeagent"
-    assert config.mqtt.password_file == Path("/etc/edgeagent/mqtt.password")
+    assert config.mqtt.password_file == Path("$CREDENTIALS_DIRECTORY/mqtt.password")
     assert (staged.root / "etc/edgeagent/mqtt.password").read_text().strip()
     assert config.state_dir == Path("/var/lib/edgeagent")
     assert str(config.wechatpay.merchant_private_key) == "$CREDENTIALS_DIRECTORY/apiclient_key.pem"
@@ -712,7 +713,7 @@ def test_real_install_upgrade_and_uninstall_in_a_throwaway_overlay(tmp_path: Pat
     assert lines[1:7] == [
         "/etc/edgeagent root:edgeagent 750",
         "/etc/edgeagent/edgeagent.toml root:edgeagent 640",
-        "/etc/edgeagent/mqtt.password root:edgeagent 640",
+        "/etc/edgeagent/mqtt.password root:root 600",
         "/var/lib/edgeagent edgeagent:edgeagent 750",
         "/etc/mosquitto/edgeagent.passwd root:mosquitto 640",
         "/etc/mosquitto/edgeagent.acl root:mosquitto 640",
