@@ -63,6 +63,7 @@ VENV=$OPT/venv
 ETC=/etc/edgeagent
 CONFIG=$ETC/edgeagent.toml
 MQTT_PASSWORD=$ETC/mqtt.password
+SIMULATE_PASSWORD=$ETC/simulate.password
 STATE=/var/lib/edgeagent
 UNIT=/etc/systemd/system/edgeagent.service
 WANTS=/etc/systemd/system/multi-user.target.wants/edgeagent.service
@@ -256,29 +257,53 @@ install_package() {
     say "installed $("$venv/bin/edgeagent" --version) in $VENV"
 }
 
-# The example config with the agent's broker credentials filled in, for a first install.
+# The example config with the agent's broker credentials filled in, for a first install. The
+# password reaches the service through LoadCredential= (issue 12): the file itself is root's only.
 first_config() {
     sed -e 's|^username = ""|username = "edgeagent"|' \
-        -e "s|^password_file = \"\"[[:space:]]*|password_file = \"$MQTT_PASSWORD\"  |" \
+        -e 's|^password_file = ""[[:space:]]*|password_file = "$CREDENTIALS_DIRECTORY/mqtt.password"  |' \
         "$HERE/edgeagent.toml.example"
 }
 
-# The broker drop-in with the camera-LAN listener: from --camera-lan, else as installed now.
-broker_conf() {
-    local line
-    if [ -n "$CAMERA_LAN" ]; then
-        line="listener 1883 $CAMERA_LAN"
+# broker_account USER SECRET_FILE: the account's password in SECRET_FILE (root:root 0600, made when
+# missing) and its hash in the broker's file. The password goes to mosquitto_passwd on stdin, never
+# as an argument, where every user of the box could read it in ps (issue 12).
+broker_account() {
+    local user="$1" secret="$2" password create=() fresh=no
+    if [ -f "$(r "$secret")" ]; then
+        password="$(head -n 1 "$(r "$secret")")"
     else
-        line="$(awk '/^# camera-lan listener/ { getline; print; exit }' "$(r "$BROKER_CONF")" 2>/dev/null || true)"
-        [ -n "$line" ] || line="#listener 1883 CAMERA_LAN_ADDRESS"
+        password="$(random_password)"
+        fresh=yes
+        printf '%s\n' "$password" | put "$secret" root root 0600
     fi
-    awk -v line="$line" '{ print } /^# camera-lan listener/ { getline; print line }' "$HERE/mosquitto/edgeagent.conf"
+    if [ ! -f "$(r "$BROKER_PASSWD")" ] || ! grep -q "^$user:" "$(r "$BROKER_PASSWD")" || [ "$fresh" = yes ]; then
+        [ -f "$(r "$BROKER_PASSWD")" ] || create=(-c)
+        printf '%s\n%s\n' "$password" "$password" | mosquitto_passwd "${create[@]}" "$(r "$BROKER_PASSWD")" "$user" >/dev/null
+        CHANGED+=("$BROKER_PASSWD")
+    fi
+    set_owner "$(r "$secret")" root root 0600
+}
+
+# The broker drop-in with the camera-LAN listener: from --camera-lan, else as installed now. The
+# listener's own settings ("#keyword" lines up to the end marker) are switched on with it: under
+# per_listener_settings they would otherwise bind to the agent's listener above them.
+broker_conf() {
+    local address="$CAMERA_LAN"
+    if [ -z "$address" ]; then
+        address="$(awk '/^# camera-lan listener/ { getline; if ($1 == "listener") print $3; exit }' \
+            "$(r "$BROKER_CONF")" 2>/dev/null || true)"
+    fi
+    awk -v address="$address" '
+        /^# camera-lan listener/ { block = 1; print; next }
+        /^# end of camera-lan listener/ { block = 0 }
+        block && address != "" && /^#[a-z]/ { line = substr($0, 2); sub(/CAMERA_LAN_ADDRESS/, address, line); print line; next }
+        { print }' "$HERE/mosquitto/edgeagent.conf"
 }
 
 random_password() { head -c 18 /dev/urandom | base64 | tr -d '+/='; }
 
 install_broker_files() {
-    local password
     if [ -n "$CAMERA_LAN" ]; then
         [[ "$CAMERA_LAN" =~ ^[0-9A-Fa-f:.]+$ ]] || die "--camera-lan $CAMERA_LAN: give an IP address of this box"
         case "$CAMERA_LAN" in
@@ -290,23 +315,10 @@ install_broker_files() {
         put "$BROKER_ACL" root mosquitto 0640 < "$HERE/mosquitto/acl.example"
     fi
     set_owner "$(r "$BROKER_ACL")" root mosquitto 0640
-    # The agent's broker account: the password lives in /etc/edgeagent, its hash in the broker's file.
-    if [ ! -f "$(r "$MQTT_PASSWORD")" ] || [ ! -f "$(r "$BROKER_PASSWD")" ] \
-        || ! grep -q '^edgeagent:' "$(r "$BROKER_PASSWD")"; then
-        if [ -f "$(r "$MQTT_PASSWORD")" ]; then
-            password="$(cat "$(r "$MQTT_PASSWORD")")"
-        else
-            password="$(random_password)"
-            printf '%s\n' "$password" | put "$MQTT_PASSWORD" root edgeagent 0640
-        fi
-        if [ -f "$(r "$BROKER_PASSWD")" ]; then
-            mosquitto_passwd -b "$(r "$BROKER_PASSWD")" edgeagent "$password"
-        else
-            mosquitto_passwd -c -b "$(r "$BROKER_PASSWD")" edgeagent "$password"
-        fi
-        CHANGED+=("$BROKER_PASSWD")
-    fi
-    set_owner "$(r "$MQTT_PASSWORD")" root edgeagent 0640
+    # The agent's broker account, and `edgeagent simulate`'s (issue 12: the agent's account no longer
+    # writes camera topics): passwords in /etc/edgeagent, root:root 0600, hashes in the broker's file.
+    broker_account edgeagent "$MQTT_PASSWORD"
+    broker_account edgeagent-simulate "$SIMULATE_PASSWORD"
     set_owner "$(r "$BROKER_PASSWD")" root mosquitto 0640
     if [ -f "$(r "$BROKER_MAIN")" ] && ! grep -Eq '^include_dir[[:space:]]+/etc/mosquitto/conf.d/?[[:space:]]*$' "$(r "$BROKER_MAIN")"; then
         say "WARNING: $BROKER_MAIN has no 'include_dir /etc/mosquitto/conf.d' line, so the broker ignores"
@@ -322,6 +334,12 @@ install_files() {
     if [ ! -f "$(r "$CONFIG")" ]; then
         first_config | put "$CONFIG" root edgeagent 0640
         say "wrote $CONFIG from the example: fill in [wechatpay], [parking] and the cameras"
+    fi
+    # Upgrade from before issue 12: the agent read mqtt.password directly (root:edgeagent 0640); now
+    # the file is root's only and the unit hands the service a copy (LoadCredential=).
+    if grep -qx "password_file = \"$MQTT_PASSWORD\".*" "$(r "$CONFIG")"; then
+        sed -i "s|^password_file = \"$MQTT_PASSWORD\"|password_file = \"\$CREDENTIALS_DIRECTORY/mqtt.password\"|" "$(r "$CONFIG")"
+        say "$CONFIG: password_file now reads the broker password through LoadCredential="
     fi
     set_owner "$(r "$CONFIG")" root edgeagent 0640
     if [ -f "$(r "$ETC/apiclient_key.pem")" ]; then

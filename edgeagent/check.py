@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from edgeagent import wechatpay
-from edgeagent.config import Config, load
+from edgeagent.config import Config, load, warnings
 from edgeagent.errors import ConfigError, EdgeAgentError, KeyFileError
 from edgeagent.requests import LOT_ENABLED
 
@@ -169,6 +169,8 @@ def run(path: Path, *, online: bool) -> int:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
     _line(True, f"config {path}: {len(config.cameras)} cameras, {len(config.entrances)} entrances")
+    for warning in warnings(config):
+        print(f"WARN {warning}")
     if not check_keys(config):
         return EXIT_CONFIG
     if not online:

@@ -7,9 +7,11 @@ Errors are one line on stderr naming the file, the key and the problem.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +23,7 @@ from edgeagent.config import Config, load, resolve_path
 from edgeagent.errors import ConfigError, EdgeAgentError, JournalError, KeyFileError
 
 EXIT_OK, EXIT_DEGRADED, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64, 78
+SIMULATE_USER, SIMULATE_PASSWORD = "edgeagent-simulate", "simulate.password"
 STATE_EXIT = {"ok": EXIT_OK, "degraded": EXIT_DEGRADED, "down": EXIT_FAILED}
 
 log = logging.getLogger("edgeagent")
@@ -66,8 +69,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from edgeagent import daemon  # noqa: PLC0415
 
     setup_logging(args.verbose)
+    protect_process()
     config = _config(args)
     return daemon.run(config)
+
+
+def protect_process() -> None:
+    """No core dumps and private files, also outside systemd (issue 12).
+
+    A core dump would hold the merchant key and the broker password in clear. The unit sets
+    LimitCORE=0 and UMask=0027 (group-readable journal for `status`); started by hand from a shell
+    with umask 022 the journal came out 0644, readable by every user of the box: outside systemd
+    ($INVOCATION_ID unset) the daemon's files are 0600.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if not os.environ.get("INVOCATION_ID"):
+        os.umask(0o077)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -132,8 +149,21 @@ def cmd_events(args: argparse.Namespace) -> int:
                 what += " wx=unknown (accepted earlier)"
             if row["last_error"] and row["state"] != "sent":
                 what += f" error={row['last_error']}"
-        print(f"{row['id']:>7} {when} {row['state']:<8} {where:<16} {what}"[:200])
+        print(terminal_safe(f"{row['id']:>7} {when} {row['state']:<8} {where:<16} {what}"[:200]))
     return EXIT_OK
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with control characters shown as \\xNN (issue 12).
+
+    Rows carry what a camera sent (lane, plate, a decoder's detail quoting the payload): an escape
+    sequence in there must not retitle, clear or rewrite the technician's terminal. --json needs
+    no help: json.dumps escapes every control character.
+    """
+    return text.translate(_CONTROL)
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -214,8 +244,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         when=time.time(),
         record_id=record_id,
     )
+    # Its own broker account where install.sh made one (issue 12): the agent's may no longer write
+    # camera topics. simulate.password sits next to the config, root:root 0600 (run it with sudo).
+    account = config.mqtt
+    secret = config.source.parent / SIMULATE_PASSWORD
+    if secret.exists():
+        account = dataclasses.replace(account, username=SIMULATE_USER, password_file=secret)
     try:
-        publish_once(config.mqtt, topic, payload, client_id=f"{config.mqtt.client_id}-simulate")
+        publish_once(account, topic, payload, client_id=f"{config.mqtt.client_id}-simulate")
     except OSError as exc:
         print(f"edgeagent simulate: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -10,8 +10,10 @@ never opened here (the daemon reads the merchant key exactly once).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,6 +32,10 @@ TimestampSource = Literal["camera", "agent", "auto"]
 Format = Literal["generic", "vzenith", "qianyi", "hikvision", "frigate"]  # decoders.FORMATS, as a type
 PRIMARY_BASE_URL = "https://api.mch.weixin.qq.com"
 BACKUP_BASE_URL = "https://api2.mch.weixin.qq.com"
+# Permission bits a secret file must not have (issue 12): a private key only its owner reads; a
+# password no one but owner and group (systemd's LoadCredential= copies are 0400 anyway).
+KEY_MODES = 0o077
+PASSWORD_MODES = 0o007
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +194,14 @@ class _Table:
                 self.problem(self.key(name), text)
         return value  # type: ignore[no-any-return]
 
-    def path_value(self, name: str, default: str | _Missing, *, must_exist: bool = True) -> Path | None:
-        """A file path: `$VARS` expanded, relative to the config file, checked to exist when set."""
+    def path_value(
+        self, name: str, default: str | _Missing, *, must_exist: bool = True, forbid: int = 0
+    ) -> Path | None:
+        """A file path: `$VARS` expanded, relative to the config file, checked to exist when set.
+
+        `forbid` is a mask of permission bits a secret must not have (issue 12): KEY_MODES for a private
+        key (its group or others may read it), PASSWORD_MODES for a password (others may read it).
+        """
         raw = self.get(name, str, default)
         if not raw:
             return None
@@ -211,6 +223,13 @@ class _Table:
                 self.problem(self.key(name), f"not a regular file: {path}")
             elif not os.access(path, os.R_OK):
                 self.problem(self.key(name), f"file not readable by this user: {path}")
+            elif (mode := stat.S_IMODE(path.stat().st_mode)) & forbid:
+                who = "its group or others" if mode & forbid & 0o070 else "others"
+                self.problem(
+                    self.key(name),
+                    f"{path} is readable by {who} (mode {mode:04o}): chmod 600 it, and pass it to the service "
+                    "with LoadCredential= (docs/deploy.md)",
+                )
         return path
 
     def table(self, name: str, *, required: bool = False) -> _Table:
@@ -283,9 +302,9 @@ def _nonempty(value: str) -> str | None:
 
 
 def _parse_wechatpay(t: _Table) -> WeChatPayConfig:
-    key_path = t.path_value("merchant_private_key", REQUIRED)
+    key_path = t.path_value("merchant_private_key", REQUIRED, forbid=KEY_MODES)
     pub = t.path_value("platform_public_key", "")
-    apiv3 = t.path_value("apiv3_key_file", "")
+    apiv3 = t.path_value("apiv3_key_file", "", forbid=PASSWORD_MODES)
     pub_id = t.get("platform_public_key_id", str, "")
     if pub is None and apiv3 is None and "platform_public_key" not in t.data and "apiv3_key_file" not in t.data:
         t.problem(
@@ -363,11 +382,11 @@ def _parse_mqtt(t: _Table, serial_prefix: str) -> MqttConfig:
         port=t.get("port", int, 8883 if tls else 1883, _in_range(1, 65535)),
         client_id=client_id,
         username=t.get("username", str, ""),
-        password_file=t.path_value("password_file", ""),
+        password_file=t.path_value("password_file", "", forbid=PASSWORD_MODES),
         tls=tls,
         ca_file=t.path_value("ca_file", ""),
         cert_file=t.path_value("cert_file", ""),
-        key_file=t.path_value("key_file", ""),
+        key_file=t.path_value("key_file", "", forbid=KEY_MODES),
         status_topic=t.get(
             "status_topic",
             str,
@@ -419,9 +438,37 @@ def _parse_cameras(root: _Table) -> list[CameraConfig]:
         seen_ids.setdefault(cam_id, t.path)
         if topic in seen_topics:
             t.problem(t.key("topic"), f'topic "{topic}" is already used by {seen_topics[topic]}')
+        else:
+            # A read is routed to the first camera whose filter matches (issue 12): overlapping
+            # filters would silently send one camera's reads to another's entrance.
+            for other, where in seen_topics.items():
+                if filters_overlap(topic, other):
+                    t.problem(
+                        t.key("topic"),
+                        f'"{topic}" overlaps {where}.topic "{other}": a read on a topic both match would be '
+                        "taken for the first camera's (give each camera a filter of its own)",
+                    )
         seen_topics.setdefault(topic, t.path)
         cameras.append(CameraConfig(cam_id, topic, cast(Format, fmt), None if min_conf < 0 else min_conf))
     return cameras
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both MQTT filters `a` and `b` (`+` one level, `#` the rest, even none).
+
+    Frigate's two topics of one instance, `<prefix>/tracked_object_update` and `<prefix>/events`,
+    are two [[cameras]] that do not overlap: that pair is one source by design (pipeline.record_scope).
+    """
+    left, right = a.split("/"), b.split("/")
+    for x, y in zip(left, right, strict=False):
+        if "#" in (x, y):
+            return True
+        if x != y and "+" not in (x, y):
+            return False
+    if len(left) == len(right):
+        return True
+    longer = left if len(left) > len(right) else right
+    return longer[min(len(left), len(right))] == "#"  # "a/#" also matches "a"
 
 
 def _parse_entrances(root: _Table, camera_ids: set[str]) -> list[EntranceConfig]:
@@ -675,6 +722,28 @@ def parse(text: str, source: Path, *, check_files: bool = True) -> Config:
         sessions,
         lot,
     )
+
+
+def warnings(config: Config) -> list[str]:
+    """What is valid but unsafe, one line each in the config's error format (issue 12)."""
+    found = []
+    mqtt = config.mqtt
+    if not mqtt.tls and not is_loopback(mqtt.host):
+        found.append(
+            f"{config.source}: mqtt.host: {mqtt.host!r} is not this box and mqtt.tls is false: the broker "
+            "password and every plate read cross the network in clear (set tls = true, or use the lane broker)"
+        )
+    return found
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine (a broker there needs no TLS: nothing crosses a network)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def resolve_path(cli_value: str | None) -> Path:

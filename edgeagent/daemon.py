@@ -135,6 +135,7 @@ class Daemon:
                 "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
                 "connects": self.link.connects,
                 "session_lost": self.link.session_lost,
+                "takeovers_10min": self.link.takeovers_recent(),  # issue 12: see mqtt.TAKEOVER_WINDOW_S
                 "last_error": self.link.last_error,
             },
             "uplink": uplink,

@@ -11,6 +11,7 @@ journal's unique keys absorb the repeat.
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import queue
@@ -26,9 +27,18 @@ from paho.mqtt.reasoncodes import ReasonCode
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from edgeagent import failpoints
-from edgeagent.config import CameraConfig, MqttConfig
+from edgeagent.config import CameraConfig, MqttConfig, is_loopback
 
 log = logging.getLogger(__name__)
+
+# Session takeover (issue 12). Under MQTT 3.1.1 a broker that hands our client id to another
+# connection just closes ours: there is no "session taken over" reason code to read (that is v5's
+# 0x8E). What tells it from an outage is that the broker was there all along: our connection was
+# dropped and the very next attempt connected again, with no failed attempt in between. One such
+# drop is also what a quick broker restart looks like; several within the window are a fight over
+# our client id (a camera account, or a second agent with the same mqtt.client_id).
+TAKEOVER_WINDOW_S = 600.0
+TAKEOVER_REJOIN_S = 30.0
 
 
 class LinkState(enum.StrEnum):
@@ -77,6 +87,9 @@ class MqttLink:
         self.last_message_at: float | None = None
         self.last_error: str | None = None
         self.callback_errors = 0
+        self._dropped_at: float | None = None  # monotonic time the broker dropped a live connection
+        self._takeovers: collections.deque[float] = collections.deque(maxlen=64)
+        self.takeovers = 0
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
@@ -97,6 +110,7 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_connect_fail = self._on_connect_fail
         self._client = client
 
     # -- state ---------------------------------------------------------------------------------
@@ -111,6 +125,12 @@ class MqttLink:
         with self._lock:
             return self._generation
 
+    def takeovers_recent(self, now: float | None = None) -> int:
+        """Drops that look like another client taking our session, within the last TAKEOVER_WINDOW_S."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return sum(1 for at in self._takeovers if now - at <= TAKEOVER_WINDOW_S)
+
     def thread_alive(self) -> bool:
         """Whether paho's network thread still runs (a dead one means no intake at all)."""
         thread = getattr(self._client, "_thread", None)
@@ -120,6 +140,10 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect in the background; paho reconnects by itself with capped backoff."""
+        if not self._config.tls and not is_loopback(self._config.host):
+            log.warning(
+                "mqtt_without_tls host=%s (the password and the reads cross the network in clear)", self._config.host
+            )
         with self._lock:
             self._state = LinkState.CONNECTING
         self._client.connect_async(self._config.host, self._config.port, keepalive=self._config.keepalive_s)
@@ -165,12 +189,20 @@ class MqttLink:
             if reason.is_failure:
                 with self._lock:
                     self._state = LinkState.DISCONNECTED
+                    self._dropped_at = None
                 self.last_error = f"broker refused connection: {reason}"
                 log.warning("mqtt_connect_refused host=%s reason=%s", self._config.host, reason)
                 return
             with self._lock:
                 self._generation += 1
                 self._state = LinkState.CONNECTED
+                rejoined = self._dropped_at is not None and time.monotonic() - self._dropped_at <= TAKEOVER_REJOIN_S
+                self._dropped_at = None
+                if rejoined:
+                    self._takeovers.append(time.monotonic())
+                    self.takeovers += 1
+            if rejoined:
+                log.warning("mqtt_session_taken_over client_id=%s count=%d", self._config.client_id, self.takeovers)
             self.connects += 1
             self.last_error = None
             if not flags.session_present and self.connects > 1:
@@ -199,9 +231,19 @@ class MqttLink:
             self.callback_errors += 1
             log.exception("mqtt_callback_error callback=on_subscribe")
 
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        try:
+            with self._lock:
+                self._dropped_at = None  # the broker is unreachable: an outage, not a takeover
+        except Exception:
+            self.callback_errors += 1
+            log.exception("mqtt_callback_error callback=on_connect_fail")
+
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
         try:
             with self._lock:
+                if self._state is LinkState.CONNECTED and reason.is_failure:
+                    self._dropped_at = time.monotonic()
                 if self._state is not LinkState.STOPPED:
                     self._state = LinkState.DISCONNECTED
             if reason.is_failure:

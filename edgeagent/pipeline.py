@@ -96,7 +96,8 @@ class Pipeline:
         except DecodeError as exc:
             return reject(camera.id, exc.reason, str(exc))
         except Exception as exc:  # a decoder bug must not turn one message into a poison pill for intake
-            log.exception("decoder_failed format=%s topic=%s", camera.format, topic)
+            # One line, not a traceback: a camera sending junk must not be able to flood the log.
+            log.warning("decoder_failed format=%s topic=%r error=%s", camera.format, topic, exc.__class__.__name__)
             detail = f"{camera.format} decoder failed: {exc.__class__.__name__}: {exc}"
             return reject(camera.id, Reason.MALFORMED, detail)
         if isinstance(read, Ignored):

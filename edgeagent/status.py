@@ -25,6 +25,7 @@ HEARTBEAT_STALE_S = 60.0  # a daemon that has not written its heartbeat for this
 OLDEST_PENDING_WARN_S = 300.0  # "the oldest pending entry is older than a few minutes"
 CLOCK_OFFSET_WARN_S = 60.0
 MQTT_DOWN_GRACE_S = 15.0
+TAKEOVERS_WARN = 3  # "session taken over" drops in 10 min before status says so (mqtt.TAKEOVER_WINDOW_S)
 LOW_DISK_BYTES = 50 * 1024 * 1024
 LOW_DISK_FRACTION = 0.02
 
@@ -207,6 +208,11 @@ def build(
         mqtt["connected"] = False  # a dead process's last heartbeat is history, not the link's state
     if running and not mqtt.get("connected") and now - float(hb.get("started", now)) > MQTT_DOWN_GRACE_S:
         down.append(f"MQTT broker not connected: {mqtt.get('last_error') or 'connecting'}")
+    if running and int(mqtt.get("takeovers_10min") or 0) >= TAKEOVERS_WARN:  # issue 12, docs/deploy.md
+        degraded.append(
+            f"MQTT session taken over {mqtt['takeovers_10min']} times in 10 min: another client connects as "
+            f"{mqtt.get('client_id')!r} (a second agent, or a camera account; see docs/deploy.md, Security)"
+        )
     journal_state = hb.get("journal") or {}
     if journal_error:
         down.append(f"journal unreadable: {journal_error}")

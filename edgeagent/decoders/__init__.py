@@ -10,9 +10,11 @@ The payload has already passed the size cap; decoders never store images, they s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from edgeagent.decoders import frigate, generic, hikvision, qianyi, vzenith
+from edgeagent.decoders._common import bad
 from edgeagent.model import Ignored, PlateRead
 
 Decoder = Callable[[str, bytes], PlateRead | Ignored]
@@ -36,6 +38,22 @@ KNOWN_FORMATS: tuple[str, ...] = ("generic", "vzenith", "qianyi", "hikvision", "
 REPORTS_DIRECTION: frozenset[str] = frozenset({"generic", "qianyi"})
 
 
+# What a vendor's lane and record id may be (issue 12). Both end up in journal keys, `events`
+# output, status and logs: a camera must not put kilobytes, control characters or terminal escape
+# sequences there. Real ones are short ASCII: lane numbers and Frigate camera names; plateid,
+# msg_id, Hikvision UUIDs and Frigate ids like "1718000000.123456-ab12cd".
+LANE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+RECORD_ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
 def decode(fmt: str, topic: str, payload: bytes) -> PlateRead | Ignored:
     """Decode `payload` received on `topic` with the decoder registered for `fmt`."""
-    return REGISTRY[fmt](topic, payload)
+    read = REGISTRY[fmt](topic, payload)
+    if isinstance(read, PlateRead):
+        if read.lane is not None and not LANE_RE.fullmatch(read.lane):
+            raise bad("lane", f"lane must be 1-64 of A-Z a-z 0-9 . _ -, got {read.lane[:40]!r}")
+        if read.record_id is not None and not RECORD_ID_RE.fullmatch(read.record_id):
+            raise bad(
+                "record id", f"record id must be 1-128 of A-Z a-z 0-9 . _ : @ / + = -, got {read.record_id[:40]!r}"
+            )
+    return read

@@ -44,6 +44,10 @@ def load_json_object(payload: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         detail = f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         raise DecodeError(Reason.MALFORMED, detail) from exc
+    except RecursionError as exc:  # nesting deeper than the interpreter's stack (issue 12)
+        raise DecodeError(Reason.MALFORMED, "JSON nested too deeply") from exc
+    except ValueError as exc:  # an integer over Python's 4300-digit conversion limit (issue 12)
+        raise DecodeError(Reason.MALFORMED, f"invalid JSON: {str(exc)[:120]}") from exc
     if not isinstance(value, dict):
         raise DecodeError(Reason.MALFORMED, f"expected a JSON object, got {type_name(value)}")
     return value

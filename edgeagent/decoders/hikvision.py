@@ -66,7 +66,9 @@ def decode(topic: str, payload: bytes) -> PlateRead | Ignored:
         tree = _parse_xml(payload)
         if ROOT not in tree:
             return Ignored(f"hikvision XML <{next(iter(tree), '')}> is not an EventNotificationAlert")
-        alert = Fields(tree[ROOT], ROOT, numeric_text=True)
+        # An empty <EventNotificationAlert/> parses to the text "", not to an element (issue 12).
+        body = tree[ROOT]
+        alert = Fields(body if isinstance(body, dict) else {}, ROOT, numeric_text=True)
     else:
         doc = Fields(load_json_object(payload), numeric_text=True)
         alert = doc.child(ROOT) or doc

@@ -60,12 +60,12 @@ format = "vzenith"
 
 [[cameras]]
 id = "vz-device"
-topic = "device/+/message/up/ivs_result"
+topic = "device/{VZ_DEVICE_SN}/message/up/ivs_result"  # camera topics must not overlap (issue 12)
 format = "vzenith"
 
 [[cameras]]
 id = "vz-snfirst"
-topic = "+/device/message/up/ivs_result"
+topic = "{VZ_SN_FIRST_SN}/device/message/up/ivs_result"
 format = "vzenith"
 
 [[cameras]]

@@ -60,6 +60,7 @@ def key_files(directory: Path) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     key, pub = directory / "apiclient_key.pem", directory / "wechatpay_pub.pem"
     key.write_text("not parsed by the config module\n")
+    key.chmod(0o600)  # a group- or world-readable private key is refused (issue 12)
     pub.write_text("not parsed by the config module\n")
     return key, pub
 
