@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.config import CameraConfig, EntranceConfig, ParkingConfig
+from edgeagent.config import CameraConfig, EntranceConfig, ParkingConfig, TimestampSource
 from edgeagent.model import CarType, PlateColor, PlateRead, Reason, TimeSource, VehicleType
 from edgeagent.screening import CAMERA_TIME_TOLERANCE_S, CarTypeLists, Screened, screen
 
@@ -134,7 +134,7 @@ def test_unsynced_agent_clock_trusts_the_camera() -> None:
     ],
 )
 def test_timestamp_source(
-    source: str, captured_at: float | None, replay: bool, expected: tuple[int, TimeSource]
+    source: TimestampSource, captured_at: float | None, replay: bool, expected: tuple[int, TimeSource]
 ) -> None:
     parking = dataclasses.replace(PARKING, timestamp_source=source)
     result = run(PlateRead("粤B12345", captured_at=captured_at, is_replay=replay), parking=parking)
