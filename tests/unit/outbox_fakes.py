@@ -80,9 +80,11 @@ class HeldExecutor(Executor):
 
     def __init__(self) -> None:
         self.held: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self.submitted: list[Any] = []  # the first argument of every submission (the delivery loop's Due)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         self.held.append((functools.partial(fn, **kwargs), args))
+        self.submitted.append(args[0] if args else None)
         return Future()
 
     def finish(self, count: int | None = None) -> None:
@@ -223,7 +225,8 @@ class Call:
     """One request as the fake API saw it."""
 
     at_mono: float
-    at_now: float
+    at_now: float  # the corrected clock (what the request was signed with)
+    at_system: float
     out_serial_number: str
     path: str
     headers: dict[str, str]
@@ -239,7 +242,8 @@ class FakeApi:
 
     def __call__(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Any:
         doc = json.loads(body)
-        call = Call(self.clock.monotonic(), self.clock.now(), str(doc["out_serial_number"]), path, headers)
+        number = str(doc["out_serial_number"])
+        call = Call(self.clock.monotonic(), self.clock.now(), self.clock.system(), number, path, headers)
         self.calls.append(call)
         return self.script(call, len(self.calls))
 
