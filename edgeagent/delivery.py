@@ -363,6 +363,9 @@ class DeliveryLoop:
             self._paused_at_system = self.clock.system()
             log.warning("delivery_paused cause=%r", outcome.reason)
         if self.history.revive:
+            # The run's earlier members may have been answered in this same round, their Dead outcomes
+            # not journaled yet: journal them first, or revive() finds nothing dead and they stay dead.
+            self._mark(force=True)
             self._revive(self.history.revive)
             self.history = dataclasses.replace(self.history, revive=())
         self._account(due, reading, outcome)

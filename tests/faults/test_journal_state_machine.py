@@ -1,30 +1,37 @@
 """A property-based test of the journal state machine (issue 6, item 9).
 
 Hypothesis drives any interleaving of: record a batch (new reads, redeliveries of acknowledged and
-unacknowledged reads, repeats of a plate), claim due entries, record outcomes (sent, retry, dead,
-pause), re-queue dead entries, expire, prune, a crash in the middle of a transaction, and a restart
-(a new connection on the same file). After every step the invariants a user relies on must hold:
+unacknowledged reads, repeats of a plate), claim due entries, record outcomes (sent, sent as a duplicate
+number, retry, uncertain retry, dead, pause), late answers for rows already sent, re-queue dead entries,
+`retry --all --rebuild`, revive, expire, prune, a crash in the middle of a transaction, and a restart
+(a new connection on the same file). Each example's temporary directory is removed in teardown.
+After every step the invariants a user relies on must hold:
 
 - every read that was acknowledged (its batch committed) is in the journal, unless pruned as a sent
   or rejected row past retention; an entry never disappears while pending or dead;
 - one dedup key, one row; one entry, one out_serial_number, never reused (even after pruning);
-- a sent entry stays sent with its serial_number; nothing is sent without one;
+- a sent entry stays sent with its serial_number; nothing is sent without one, unless accepted as a
+  duplicate number (acceptance "duplicate"); a rejected read stays a rejected read;
 - PRAGMA integrity_check is "ok".
 """
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from edgeagent.journal import RETENTION_S, Inbound, Journal
-from edgeagent.model import CarType, Entry, PlateColor, Reason, Rejection, TimeSource, VehicleType
+from edgeagent import policy
+from edgeagent.journal import RETENTION_S, Journal, Marked
+from edgeagent.model import CarType, Entry, Inbound, PlateColor, Reason, Rejection, TimeSource, VehicleType
+from edgeagent.screening import repeat_of
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +61,10 @@ def make_entry(key: str, plate: str, when: int) -> Entry:
     )
 
 
+def repeat_rule(entry: Entry, recent: Callable[[str, float, float], int | None]) -> Rejection | None:
+    return repeat_of(entry, recent, 60)
+
+
 def inbound(now: float) -> Inbound:
     return Inbound("anpr/cam/plate", now, "0" * 64, 10, b"{}")
 
@@ -68,14 +79,13 @@ class JournalMachine(RuleBasedStateMachine):
         self.acked: dict[str, float] = {}  # dedup key → time its batch committed
         self.unacked: list[str] = []  # keys of reads whose batch never committed (redelivered later)
         self.serials_seen: dict[str, int] = {}  # out_serial_number → row id, over the whole run
-        self.sent: dict[int, str] = {}  # row id → serial_number
+        self.sent: dict[int, str | None] = {}  # row id → serial_number (None: accepted as a duplicate number)
         self.pruned_ids: set[int] = set()
         self.last_states: dict[str, str] = {}  # dedup key → state after the previous step
 
-    @initialize(tmp=st.just(None))
-    def open(self, tmp: None) -> None:
-        import tempfile  # noqa: PLC0415 - one directory per example
-
+    @initialize()
+    def open(self) -> None:
+        # One directory per example, removed in teardown (issue 9: examples used to leave them behind).
         self.dir = Path(tempfile.mkdtemp(prefix="journal-sm-"))
         self.journal = Journal(self.dir / "journal.sqlite3")
 
@@ -116,7 +126,9 @@ class JournalMachine(RuleBasedStateMachine):
             self._crash_during(items)
             self.unacked.extend(k for k, _, _ in keys if k not in self.acked and k not in self.unacked)
             return
-        results = self.j.record_batch(items, serial_prefix=PREFIX, repeat_window_s=60, build_body=body, now=self.now)
+        results = self.j.record_batch(
+            items, serial_prefix=PREFIX, build_body=body, repeat_rule=repeat_rule, now=self.now
+        )
         assert len(results) == len(items)
         for i, ((key, _, _), result) in enumerate(zip(keys, results, strict=True)):
             if result.outcome == "duplicate":  # only a read already committed, or earlier in this batch
@@ -135,34 +147,64 @@ class JournalMachine(RuleBasedStateMachine):
         db = sqlite3.connect(self.dir / "journal.sqlite3", isolation_level=None)
         db.execute("BEGIN IMMEDIATE")
         db.execute(
-            "INSERT INTO events (state, dedup_key, received_at, updated_at, reason) "
-            "VALUES ('rejected', 'half-written', ?, ?, 'no_plate')",
+            "INSERT INTO events (kind, state, dedup_key, received_at, updated_at, reason) "
+            "VALUES ('rejected', 'rejected', 'half-written', ?, ?, 'no_plate')",
             (self.now, self.now),
         )
         db.close()  # no COMMIT: SQLite rolls it back, as after a real crash
 
-    @rule(limit=st.integers(min_value=1, max_value=5), outcome=st.sampled_from(["sent", "retry", "dead", "pause"]))
+    @rule(
+        limit=st.integers(min_value=1, max_value=5),
+        outcome=st.sampled_from(["sent", "duplicate", "retry", "uncertain", "dead", "pause"]),
+    )
     def deliver(self, limit: int, outcome: str) -> None:
         due = self.j.due(self.now, limit)
-        rows: list[tuple[int, str, dict[str, Any]]] = []
+        marks: list[Marked] = []
         for entry in due:
             assert entry.body.startswith(b'{"out_serial_number":"' + entry.out_serial_number.encode())
             if outcome == "sent":
-                rows.append((entry.id, "sent", {"serial_number": f"WX{entry.id}"}))
+                marks.append(Marked(entry.id, policy.Sent(f"WX{entry.id}"), self.now))
+            elif outcome == "duplicate":
+                marks.append(Marked(entry.id, policy.Sent(None, duplicate=True)))
             elif outcome == "dead":
-                rows.append((entry.id, "dead", {"error": "HTTP 400 PARAM_ERROR"}))
+                marks.append(Marked(entry.id, policy.Dead("PARAM_ERROR", "bad", "", "HTTP 400 PARAM_ERROR")))
+            elif outcome == "pause":
+                marks.append(Marked(entry.id, policy.Pause(policy.Scope.ALL, "HTTP 401 SIGN_ERROR")))
             else:
-                counted = 0 if outcome == "pause" else 1
-                rows.append((entry.id, "retry", {"next_at": self.now + 5, "error": "HTTP 503", "counted": counted}))
-        self.j.mark_outcomes(rows, self.now)
-        for row_id, kind, data in rows:
-            if kind == "sent":
-                self.sent[row_id] = data["serial_number"]
+                retry = policy.Retry(self.now + 5, "HTTP 503")
+                marks.append(Marked(entry.id, retry, None, uncertain=outcome == "uncertain"))
+        self.j.mark_outcomes(marks, self.now)
+        for mark in marks:
+            if isinstance(mark.outcome, policy.Sent):
+                self.sent[mark.id] = mark.outcome.serial_number
         self.now += 1
+
+    @precondition(lambda self: bool(self.sent))
+    @rule(outcome=st.sampled_from(["retry", "dead", "pause"]))
+    def late_answers(self, outcome: str) -> None:
+        """Answers journaled late, for rows already sent: the transition table only lets an outcome change a
+        row in a state its event may leave, so a sent row stays sent."""
+        late: dict[str, policy.Outcome] = {
+            "retry": policy.Retry(self.now + 5, "late"),
+            "dead": policy.Dead("PARAM_ERROR", "late", "", "HTTP 400"),
+            "pause": policy.Pause(policy.Scope.ALL, "late"),
+        }
+        self.j.mark_outcomes([Marked(row_id, late[outcome]) for row_id in self.sent], self.now)
 
     @rule()
     def requeue_all_dead(self) -> None:
         self.j.requeue_dead(None, self.now)
+
+    @rule()
+    def requeue_all_with_rebuild(self) -> None:
+        """`edgeagent retry --all --rebuild`: the bodies are rebuilt, the numbers kept."""
+        self.j.requeue(None, self.now, include_pending=True, rebuild=lambda kind, old, camera, lane: old + b" ")
+
+    @rule(data=st.data())
+    def revive_some(self, data: st.DataObject) -> None:
+        ids = [r["id"] for r in self.j.events(limit=1_000_000)]
+        if ids:
+            self.j.revive(data.draw(st.lists(st.sampled_from(ids), max_size=4)), self.now)
 
     @rule(days=st.integers(min_value=0, max_value=40))
     def time_passes_and_prune(self, days: int) -> None:
@@ -196,8 +238,10 @@ class JournalMachine(RuleBasedStateMachine):
         for r in rows:
             if r["state"] != "rejected":
                 assert self.serials_seen.get(r["out_serial_number"]) == r["id"]
+            assert (r["kind"] == "rejected") == (r["state"] == "rejected"), "a read changed kind"
             if r["state"] == "sent":
                 assert r["serial_number"] == self.sent[r["id"]]
+                assert r["acceptance"] == ("duplicate" if r["serial_number"] is None else "verified")
             else:
                 assert r.get("serial_number") is None
         for row_id, serial in self.sent.items():
@@ -227,6 +271,8 @@ class JournalMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if self.journal is not None:
             self.journal.close()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 JournalMachine.TestCase.settings = settings(
