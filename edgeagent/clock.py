@@ -93,8 +93,8 @@ class Clock:
         """Learn from the signed `Wechatpay-Timestamp` of an answer whose signature verified.
 
         `fresh`: it was within 300 s of `now()` (a normal answer: follow it, smoothing jitter). A stale
-        one counts only when corroborated (see STALE_WITNESSES). Returns True when the offset stepped
-        by more than the smoothing band (the caller may re-sign at once).
+        one counts only when corroborated (see STALE_WITNESSES). Returns True when the corrected time
+        moved by more than the smoothing band (the caller may re-sign at once).
         """
         midpoint = (sent_at + received_at) / 2
         offset = server_time + 0.5 - midpoint  # the timestamp truncates to the second: its middle is +0.5 s
@@ -108,7 +108,9 @@ class Clock:
                 if len({t for t, _ in recent}) < STALE_WITNESSES:
                     return False
                 self._stale.clear()
-            stepped = self._offset is None or abs(offset - self._offset) > 2
+            # A step: the time we sign with moves by more than the smoothing band (from no offset at all
+            # too: learning that our clock is 600 s off is a correction, learning it is right is not).
+            stepped = abs(offset - (self._offset or 0.0)) > 2
             # Smooth small jitter, follow real steps at once.
             self._offset = offset if stepped or self._offset is None else 0.8 * self._offset + 0.2 * offset
             return stepped

@@ -342,11 +342,13 @@ class DeliveryLoop:
         spec = KINDS[due.kind]
         now = self.clock.now()
         reading = policy.read(spec, reply, self.keys.keys, now)
+        corrected = False
         if isinstance(reply, Answer) and policy.teaches_clock(reading):
             # Only a verified signature teaches us the API's clock (SPEC §5); a stale one needs company.
-            if self.clock.witness(
+            corrected = self.clock.witness(
                 reading.server_time or 0, reply.sent_at, reply.received_at, fresh=reading.server_time_fresh
-            ) and self.throttle.paused(self.clock.monotonic()):
+            )
+            if corrected and self.throttle.paused(self.clock.monotonic()):
                 # Our clock was the cause of the 401s: sign again now with the corrected time.
                 log.info("delivery_pause_lifted cause=clock_corrected offset_s=%.1f", self.clock.offset or 0.0)
                 self.throttle.lift()
@@ -358,8 +360,11 @@ class DeliveryLoop:
             outcome = self._unique_serial(due, outcome, now)
         mono = self.clock.monotonic()
         was_paused = self.throttle.paused(mono)
-        self.throttle.record(outcome, mono, reading.retry_after)
-        if isinstance(outcome, policy.Pause) and not was_paused:
+        if not (corrected and isinstance(outcome, policy.Pause)):
+            # (A refusal that corrected our clock is already answered: the request is due again at once,
+            # signed with the right time; pausing for it would only wait out the cause just removed.)
+            self.throttle.record(outcome, mono, reading.retry_after)
+        if isinstance(outcome, policy.Pause) and not was_paused and self.throttle.paused(mono):
             self._paused_at_system = self.clock.system()
             log.warning("delivery_paused cause=%r", outcome.reason)
         if self.history.revive:

@@ -122,6 +122,7 @@ def write_key_files(directory: Path) -> tuple[Path, Path]:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
+    key.chmod(0o600)  # a group- or world-readable private key is refused (issue 12)
     pub.write_bytes(
         platform_key()
         .public_key()

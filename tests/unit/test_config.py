@@ -105,6 +105,14 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
 # -- a valid config -------------------------------------------------------------------------------
 
 
+def test_no_backup_domain_by_default_behind_another_base_url(tmp_path: Path) -> None:
+    # A sandbox or a private gateway has no sibling: failing over to the real API would be wrong.
+    key, pub = key_files(tmp_path / "keys")
+    text = config_text(key, pub).replace("[wechatpay]\n", '[wechatpay]\nbase_url = "https://127.0.0.1:8443"\n', 1)
+    config = parse_text(tmp_path, text)
+    assert (config.wechatpay.base_url, config.wechatpay.backup_base_url) == ("https://127.0.0.1:8443", "")
+
+
 def test_minimal_config_gets_the_documented_defaults(tmp_path: Path, files: tuple[Path, Path]) -> None:
     key, pub = files
     config = parse_text(tmp_path, config_text(key, pub))
@@ -114,7 +122,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path, files: tupl
     assert config.serial_prefix == "P1G1"
     assert config.wechatpay.merchant_private_key == key
     assert config.wechatpay.base_url == "https://api.mch.weixin.qq.com"
-    assert config.wechatpay.backup_base_url == ""
+    assert config.wechatpay.backup_base_url == "https://api2.mch.weixin.qq.com"  # beside the official primary
     assert (config.wechatpay.timeout_s, config.wechatpay.max_in_flight, config.wechatpay.max_rate_per_s) == (10, 4, 10)
     parking = config.parking
     assert parking.repeat_window_s == 120

@@ -280,10 +280,6 @@ def test_a_clock_correction_by_a_verified_answer_lifts_the_pause(tmp_path: Path)
     assert rig.clock.now() - rig.clock.system() > 99
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: the 401 that corrects the clock re-pauses the loop it has just un-paused (report)",
-)
 def test_a_clock_correction_by_the_refusals_themselves_lifts_the_pause(tmp_path: Path) -> None:
     """The usual case: our clock 10 min behind, so the API refuses our signatures (401) and its signed
     refusals are stale; a second one with a different timestamp corroborates the offset (SPEC §5). The
