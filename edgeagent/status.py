@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgeagent import __version__
+from edgeagent import __version__, installation
 from edgeagent.config import Config
 from edgeagent.errors import JournalError
 from edgeagent.journal import Journal
@@ -181,7 +181,8 @@ def collect(config: Config, now: float | None = None) -> dict[str, Any]:
             journal_error = str(exc)
     elif alive:
         journal_error = f"{config.journal_path} does not exist"
-    return build(config, heartbeat, alive, queue, cameras, journal_error, now, disk_view(config.state_dir))
+    status = build(config, heartbeat, alive, queue, cameras, journal_error, now, disk_view(config.state_dir))
+    return installation.annotate(status)  # versions running, credential files the unit cannot find
 
 
 def _age(iso_time: str | None, now: float) -> str:
