@@ -121,6 +121,7 @@ def test_a_missing_credential_stops_the_unit_with_its_name_instead_of_a_restart_
     assert s["NRestarts"] == "0" and s["ActiveState"] in ("inactive", "failed"), f"{s}\n{log}"
     for source in missing:
         assert source in log, f"the journal does not name {source}:\n{log}"
+        print(f"journal: {next(line for line in log.splitlines() if source in line)}")
     status = box.run("edgeagent status", check=False).stdout
     assert all(f"{source} is missing" in status for source in missing), status
 
