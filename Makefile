@@ -47,9 +47,10 @@ bench: venv mosquitto
 
 # The system tier (tests/system): the checkout installed with deploy/install.sh on a Debian bookworm
 # booted with a real systemd (systemd-nspawn), as root. The rootfs is built once and cached in
-# /var/tmp/edgeagent-system (rebuilt when its package list changes).
+# /var/tmp/edgeagent-system (rebuilt when its package list changes). The checks are steps of one
+# scenario on one box: -x stops at the first failed step (the ones after it would only time out).
 system: venv
-	$(VENV)/bin/pytest -m system tests/system -p no:cacheprovider
+	$(VENV)/bin/pytest -m system tests/system -p no:cacheprovider -x -s
 
 # The checkout in a Debian bookworm arm64 rootfs under qemu-user: wheels used, edgeagent check, unit tests.
 arm64: venv

@@ -259,9 +259,30 @@ def _leader(nspawn: int) -> int:
     return 0
 
 
+def reap_stale_sessions() -> None:
+    """Boxes of earlier runs that were killed before they could clean up: stop, unmount, remove."""
+    for session in (CACHE / "run").glob("*-*"):
+        owner = session.name.rsplit("-", 1)[-1]
+        if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+            continue
+        say(f"cleaning up {session} (its run, pid {owner}, is gone)")
+        for proc in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if proc.name.isdigit() and str(session).encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), 15)  # nspawn halts the container on SIGTERM
+                    for _ in range(60):
+                        if not proc.exists():
+                            break
+                        time.sleep(0.5)
+        subprocess.run(["umount", str(session / "root")], check=False, capture_output=True)
+        _remove_cgroup(f"edgeagent-system-{session.name}")
+        shutil.rmtree(session, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def booted(rootfs_path: Path, binds: dict[Path, str], name: str = "edgebox") -> Iterator[Box]:
     """Boot `rootfs_path` under a throwaway overlay; binds are host path → read-only path inside."""
+    reap_stale_sessions()
     session = CACHE / "run" / f"{name}-{os.getpid()}"
     shutil.rmtree(session, ignore_errors=True)
     merged, upper, work = session / "root", session / "upper", session / "work"

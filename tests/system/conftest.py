@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,12 +41,18 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
     raise AssertionError(f"after {timeout:.0f} s still waiting for {what}; last: {last!r}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def box() -> Iterator[boxlib.Box]:
     """A fresh bookworm with a real systemd as PID 1; the checkout and the locked wheels mounted in."""
     reason = boxlib.why_not("amd64")
     if reason:
         pytest.skip(reason)
+    # A CI timeout or a kill sends SIGTERM: stop like Ctrl-C, so the box is powered off and unmounted.
+    signal.signal(signal.SIGTERM, _interrupt)
     boxlib.ensure_host_tools("amd64")
     rootfs = boxlib.rootfs("amd64")
     wheels = boxlib.wheelhouse("amd64")
