@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 MOSQUITTO ?= /usr/sbin/mosquitto
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit faults bench clean mosquitto venv
+.PHONY: demo test lint typecheck unit faults bench clean mosquitto venv system arm64 lock lock-check
 
 venv: $(STAMP)
 
@@ -44,6 +44,24 @@ faults: venv mosquitto
 
 bench: venv mosquitto
 	$(PY) -m tests.bench
+
+# The system tier (tests/system): the checkout installed with deploy/install.sh on a Debian bookworm
+# booted with a real systemd (systemd-nspawn), as root. The rootfs is built once and cached in
+# /var/tmp/edgeagent-system (rebuilt when its package list changes). The checks are steps of one
+# scenario on one box: -x stops at the first failed step (the ones after it would only time out).
+system: venv
+	$(VENV)/bin/pytest -m system tests/system -p no:cacheprovider -x -s
+
+# The checkout in a Debian bookworm arm64 rootfs under qemu-user: wheels used, edgeagent check, unit tests.
+arm64: venv
+	$(PY) -m tests.system.arm64
+
+# deploy/requirements.lock: the hashed dependency set install.sh installs (amd64, arm64, armhf).
+lock: venv
+	$(PY) -m tests.system.lockfile build
+
+lock-check: venv
+	$(PY) -m tests.system.lockfile check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -209,6 +209,41 @@ ensure_packages() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 }
 
+LOCKFILE="$HERE/requirements.lock"
+PIP_LOG=""
+
+# pip_install ARGS...: pip install into the venv, its output kept for pip_failure.
+pip_install() {
+    [ -n "$PIP_LOG" ] || PIP_LOG="$(mktemp)"
+    "$(r "$VENV")/bin/pip" install --disable-pip-version-check -q "$@" > "$PIP_LOG" 2>&1
+}
+
+# Why the last pip_install failed: index (no package index reachable, or it lacks a locked file),
+# hash (a download is not the locked file), build (a package without a wheel here did not compile), other.
+pip_failure() {
+    if grep -q 'DO NOT MATCH THE HASHES' "$PIP_LOG"; then echo hash
+    elif grep -Eq 'Failed (building wheel|to build)|error: command .*(gcc|cc|x86_64-linux-gnu-gcc|arm-linux-gnueabihf-gcc)|Python.h: No such file|ffi.h: No such file' "$PIP_LOG"; then echo build
+    elif grep -Eq 'No matching distribution|Could not find a version|NewConnectionError|Network is unreachable|Temporary failure in name resolution|Max retries exceeded|ProxyError|SSLError|timed out' "$PIP_LOG"; then echo index
+    else echo other
+    fi
+}
+
+pip_failed_build() { grep -Eo 'Failed (building wheel for|to build) [A-Za-z0-9_.-]+' "$PIP_LOG" | head -1 | awk '{print $NF}'; }
+
+pip_failure_text() {
+    local detail
+    detail="$(grep -E '^(ERROR|error):|Error' "$PIP_LOG" | grep -v '^ERROR: Exception' | tail -3)"
+    [ -n "$detail" ] || detail="$(tail -5 "$PIP_LOG")"
+    case "$(pip_failure)" in
+        index) printf 'pip install failed: no package index gave it what deploy/requirements.lock pins%s.\n%s\n%s' \
+                   "${PIP_NO_INDEX:+ (PIP_NO_INDEX is set)}" "$detail" \
+                   "Check the box's network and proxy (pip config list), or copy the wheels over: pip download --require-hashes -r deploy/requirements.lock -d DIR on a connected machine, then PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR $0" ;;
+        hash) printf 'pip install failed: a download does not match the hash in deploy/requirements.lock (a proxy or mirror serving other files?)\n%s' "$detail" ;;
+        *) printf 'pip install failed:\n%s' "$detail" ;;
+    esac
+    printf '\n(all of pip'"'"'s output: %s)' "$PIP_LOG"
+}
+
 install_package() {
     local venv src build
     venv="$(r "$VENV")"
@@ -240,20 +275,23 @@ install_package() {
     # SOURCE_DATE_EPOCH makes pip write hash-checked .pyc files instead of ones stamped with the
     # install time, so reinstalling the same version leaves identical files.
     export SOURCE_DATE_EPOCH=315532800
-    # Wheels exist for amd64/arm64; on armhf pip may have to compile cffi (piwheels, which
-    # Raspberry Pi OS preconfigures, has it prebuilt). Retry once with a compiler if that fails.
-    if ! "$venv/bin/pip" install --disable-pip-version-check -q --upgrade "$src"; then
-        [ -z "$ROOT" ] || die "pip install failed"
-        say "pip install failed; installing a compiler and headers for packages without a wheel here"
+    # The dependencies exactly as deploy/requirements.lock pins them, every file checked against its
+    # hash: every box of a lot runs the same versions, whatever PyPI serves that day.
+    if ! pip_install --require-hashes -r "$LOCKFILE"; then
+        # Wheels exist for amd64/arm64; on armhf cffi has none on PyPI (Raspberry Pi OS's piwheels has,
+        # but its files are not the locked ones), so pip builds it: that needs a compiler. Only a
+        # failed *build* is worth one; anything else (no index, a hash mismatch) is said as it is.
+        if [ "$(pip_failure)" != build ] || [ -n "$ROOT" ]; then die "$(pip_failure_text)"; fi
+        say "pip could not build $(pip_failed_build) here (no wheel for $(dpkg --print-architecture 2>/dev/null || uname -m)):"
+        say "installing a compiler and headers (build-essential python3-dev libffi-dev libssl-dev, ~390 MB)"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q build-essential python3-dev libffi-dev libssl-dev
-        "$venv/bin/pip" install --disable-pip-version-check -q --upgrade "$src"
+        pip_install --require-hashes -r "$LOCKFILE" || die "$(pip_failure_text)"
     fi
-    if [ -z "$build" ]; then
-        # A wheel of the version already installed counts as "already satisfied": replace it anyway.
-        "$venv/bin/pip" install --disable-pip-version-check -q --force-reinstall --no-deps "$src"
-    else
-        rm -rf "$build"
-    fi
+    # edgeagent itself: built from the checkout with the locked setuptools, nothing else fetched. A
+    # wheel of the version already installed counts as "already satisfied": replace it anyway.
+    pip_install --no-deps --no-build-isolation --force-reinstall "$src" || die "$(pip_failure_text)"
+    [ -z "$build" ] || rm -rf "$build"
+    rm -f "$PIP_LOG"
     say "installed $("$venv/bin/edgeagent" --version) in $VENV"
 }
 
@@ -366,8 +404,17 @@ install_files() {
     directory "$PRISTINE" root root 0755
     mkdir -p "$(r "$(dirname "$BIN_LINK")")" "$(r "$(dirname "$WANTS")")"
     ln -sfn "$VENV/bin/edgeagent" "$(r "$BIN_LINK")"
-    # What `systemctl enable edgeagent` does (WantedBy=multi-user.target).
-    ln -sfn "$UNIT" "$(r "$WANTS")"
+    # What `systemctl enable edgeagent` does (WantedBy=multi-user.target), unless it cannot start.
+    if [ -z "$(missing_credentials)" ]; then ln -sfn "$UNIT" "$(r "$WANTS")"; else rm -f "$(r "$WANTS")"; fi
+}
+
+# The files the unit's LoadCredential= lines name that are not there: without them systemd refuses to
+# start the service (status=243/CREDENTIALS, "Failed to set up credentials: Protocol error").
+missing_credentials() {
+    local path
+    sed -n 's|^LoadCredential=[^:]*:\(/.*[^[:space:]]\)[[:space:]]*$|\1|p' "$(r "$UNIT")" | while read -r path; do
+        [ -e "$(r "$path")" ] || echo "$path"
+    done
 }
 
 start_services() {
@@ -375,9 +422,19 @@ start_services() {
         say "--root: not run: systemctl daemon-reload; systemctl enable mosquitto; systemctl restart mosquitto edgeagent"
         return
     fi
-    systemctl enable --quiet mosquitto.service edgeagent.service
+    systemctl enable --quiet mosquitto.service
+    local missing
+    missing="$(missing_credentials)"
+    if [ -n "$missing" ]; then
+        # A unit that cannot start is not enabled (it would fail at every boot); a running one is left alone.
+        systemctl disable --quiet edgeagent.service 2>/dev/null || true
+        say "edgeagent is installed but NOT enabled: the unit needs $(echo "$missing" | paste -sd, | sed 's/,/, /g'), missing."
+        say "put it there (root:root 0600), then: systemctl enable --now edgeagent   (docs/deploy.md, 'Commissioning a lane')"
+    else
+        systemctl enable --quiet edgeagent.service
+    fi
     if ! systemd_running; then
-        say "systemd is not running here (a container?): the service is enabled for the next boot, not started."
+        say "systemd is not running here (a container?): the service is ${missing:+NOT }enabled for the next boot, not started."
         say "to run the agent now: sudo -u edgeagent $VENV/bin/edgeagent run --config $CONFIG"
         return
     fi
@@ -391,7 +448,9 @@ start_services() {
     if [ "$broker_changed" = yes ] || ! systemctl is-active --quiet mosquitto.service; then
         systemctl restart mosquitto.service
     fi
-    if [ "$START" = no ]; then
+    if [ -n "$missing" ]; then
+        :
+    elif [ "$START" = no ]; then
         say "--no-start: edgeagent is enabled, not (re)started"
     elif CREDENTIALS_DIRECTORY="$ETC" "$VENV/bin/edgeagent" check --config "$CONFIG" >/dev/null 2>&1; then
         systemctl restart edgeagent.service

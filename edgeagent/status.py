@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-from edgeagent import __version__
+from edgeagent import __version__, installation
 from edgeagent.config import Config
 from edgeagent.errors import JournalError
 from edgeagent.journal import Journal
@@ -85,6 +85,7 @@ class StatusView(TypedDict):
     disk: dict[str, Any]
     last_error: str | None
     client_id: NotRequired[str]  # in the retained copy on mqtt.status_topic: whose status it is
+    versions: NotRequired[dict[str, str | None]]  # what runs: edgeagent, Python and the dependencies
 
 
 # What status shows for a part the daemon did not report (not running, or an old heartbeat): one
@@ -296,7 +297,8 @@ def collect(config: Config, now: float | None = None) -> StatusView:
     elif alive:
         journal_error = f"{config.journal_path} does not exist"
     disk = disk_view(config.state_dir)
-    return build(config, heartbeat, alive, queue, cameras, journal_error, now, disk, latency)
+    status = build(config, heartbeat, alive, queue, cameras, journal_error, now, disk, latency)
+    return installation.annotate(status)  # versions running, credential files the unit cannot find
 
 
 def _age(iso_time: str | None, now: float) -> str:

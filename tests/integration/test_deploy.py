@@ -245,7 +245,8 @@ def test_staged_tree_has_the_files_owners_and_modes(staged: Staged) -> None:
             assert (st.st_uid, st.st_gid) == (users[owner], groups[group]), rel
     assert os.readlink(root / "usr/local/bin/edgeagent") == "/opt/edgeagent/venv/bin/edgeagent"
     wants = root / "etc/systemd/system/multi-user.target.wants/edgeagent.service"
-    assert os.readlink(wants) == "/etc/systemd/system/edgeagent.service"  # enabled
+    # No merchant key in the tree yet: the unit could not start, so it is not enabled.
+    assert not wants.is_symlink()
     assert (root / "etc/systemd/system/edgeagent.service").read_text() == UNIT.read_text()
     version = subprocess.run(
         [root / "opt/edgeagent/venv/bin/edgeagent", "--version"], capture_output=True, text=True, timeout=60
@@ -718,7 +719,9 @@ def test_real_install_upgrade_and_uninstall_in_a_throwaway_overlay(tmp_path: Pat
         "/etc/mosquitto/edgeagent.passwd root:mosquitto 640",
         "/etc/mosquitto/edgeagent.acl root:mosquitto 640",
     ]
-    assert lines[7:] == ["/etc/systemd/system/edgeagent.service", f"edgeagent {__version__}"]
+    # Not enabled (no readlink line): the merchant key is not there yet, so the unit could not start.
+    assert "NOT enabled: the unit needs /etc/edgeagent/apiclient_key.pem" in first.stdout
+    assert lines[7:] == [f"edgeagent {__version__}"]
 
     # An upgrade keeps an edited config as it is, and an edited broker drop-in with the new one beside it.
     edit = box("echo '# mine' >> /etc/edgeagent/edgeagent.toml; echo '# mine' >> /etc/mosquitto/conf.d/edgeagent.conf")
