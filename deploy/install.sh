@@ -298,6 +298,7 @@ install_package() {
 # The example config with the agent's broker credentials filled in, for a first install. The
 # password reaches the service through LoadCredential= (issue 12): the file itself is root's only.
 first_config() {
+    # shellcheck disable=SC2016  # $CREDENTIALS_DIRECTORY is for the agent to expand, not this shell
     sed -e 's|^username = ""|username = "edgeagent"|' \
         -e 's|^password_file = ""[[:space:]]*|password_file = "$CREDENTIALS_DIRECTORY/mqtt.password"  |' \
         "$HERE/edgeagent.toml.example"

@@ -489,13 +489,13 @@ def test_read_only_open_works_for_any_directory_name(tmp_path: Path, directory: 
 class CommitFails:
     """Wraps the real connection; the next COMMIT fails the way SQLITE_BUSY does: transaction left open."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, times: int = 1) -> None:
         self.db = db
-        self.armed = True
+        self.left = times
 
     def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
-        if sql == "COMMIT" and self.armed:
-            self.armed = False
+        if sql == "COMMIT" and self.left > 0:
+            self.left -= 1
             raise sqlite3.OperationalError("database is locked")
         return self.db.execute(sql, *args)
 
@@ -503,9 +503,18 @@ class CommitFails:
         return getattr(self.db, name)
 
 
+def test_a_busy_commit_is_tried_again_in_process_and_records_once(writer: Writer) -> None:
+    real = writer.journal._db
+    writer.journal._db = CommitFails(real, times=2)  # type: ignore[assignment]
+    [result] = writer.record(make_entry("粤B00001", key="k1"))
+    assert result.outcome == "entry"
+    assert not real.in_transaction
+    assert writer.journal.counts()["pending"] == 1
+
+
 def test_a_failed_commit_loses_nothing_and_the_next_batch_works(writer: Writer) -> None:
     real = writer.journal._db
-    writer.journal._db = CommitFails(real)  # type: ignore[assignment]
+    writer.journal._db = CommitFails(real, times=3)  # type: ignore[assignment]  # past the in-process retries
     with pytest.raises(JournalError, match="database is locked"):
         writer.record(make_entry("粤B00001", key="k1"))
     assert not real.in_transaction
