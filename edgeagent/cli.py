@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from edgeagent import __version__
 from edgeagent.config import Config, load, resolve_path
@@ -219,6 +219,120 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _exit_rules_and_journal(args: argparse.Namespace) -> tuple[Any, Any] | int:
+    from edgeagent.exits import ExitRules  # noqa: PLC0415
+    from edgeagent.journal import Journal  # noqa: PLC0415
+
+    config = _config(args, check_files=False)
+    if not config.journal_path.exists():
+        print(f"edgeagent: no journal at {config.journal_path}", file=sys.stderr)
+        return EXIT_FAILED
+    return ExitRules.from_config(config), Journal(config.journal_path)
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from edgeagent.journal import Journal  # noqa: PLC0415
+    from edgeagent.status import session_view  # noqa: PLC0415
+
+    config = _config(args, check_files=False)
+    if not config.journal_path.exists():
+        print(f"edgeagent: no journal yet at {config.journal_path} (has `edgeagent run` started?)", file=sys.stderr)
+        if args.json:
+            print("[]")
+        return EXIT_FAILED
+    if args.limit < 1:
+        print("edgeagent sessions: --limit must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    view = "open" if args.open else "closed" if args.closed else "orphans" if args.orphans else None
+    plate = None
+    if args.plate:
+        from edgeagent import plates  # noqa: PLC0415
+
+        plate = plates.normalise(args.plate)
+    journal = Journal(config.journal_path, readonly=True)
+    try:
+        rows = [session_view(r, config.serial_prefix) for r in journal.sessions(view, plate, args.limit)]
+    finally:
+        journal.close()
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no sessions" if view is None else f"no {view} sessions")
+        return EXIT_OK
+    for r in rows:
+        enter = time.strftime("%m-%d %H:%M", time.localtime(r["enter_timestamp"])) if r["enter_timestamp"] else "-"
+        leave = time.strftime("%m-%d %H:%M", time.localtime(r["exit_timestamp"])) if r["exit_timestamp"] else "-"
+        plate = terminal_safe(r["plate_number"] or "-")
+        what = f"{r['state']:<12} {plate:<10} in {r['entrance_number'] or '-'} {enter}"
+        what += f"  out {r['exit_number'] or '-'} {leave}"
+        if r["match"] and r["match"] != "exact":
+            what += f" ({r['match']}: read {terminal_safe(r['exit_plate_read'] or '')})"
+        if r["candidates"]:
+            what += f" candidates {', '.join(r['candidates'])}"
+        ident = r["out_serial_number"] or f"exit #{r['exit_id']}"
+        print(f"{ident:<24} {what}"[:200])
+    return EXIT_OK
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    opened = _exit_rules_and_journal(args)
+    if isinstance(opened, int):
+        return opened
+    rules, journal = opened
+    try:
+        problem = journal.attach(args.exit_id, args.out_serial, rules, time.time())
+    finally:
+        journal.close()
+    if problem:
+        print(f"edgeagent attach: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"exit #{args.exit_id} attached to {args.out_serial}: its exit goes out once the entry is accepted")
+    return EXIT_OK
+
+
+def cmd_dismiss(args: argparse.Namespace) -> int:
+    opened = _exit_rules_and_journal(args)
+    if isinstance(opened, int):
+        return opened
+    _, journal = opened
+    try:
+        problem = journal.dismiss(args.exit_id, time.time())
+    finally:
+        journal.close()
+    if problem:
+        print(f"edgeagent dismiss: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"exit #{args.exit_id} dismissed: kept, nothing sent")
+    return EXIT_OK
+
+
+def cmd_close(args: argparse.Namespace) -> int:
+    at = time.time()
+    if args.at:
+        from edgeagent.decoders._common import parse_time  # noqa: PLC0415
+        from edgeagent.errors import DecodeError  # noqa: PLC0415
+
+        try:
+            at = parse_time(args.at, "--at", numeric_text=True)
+        except DecodeError as exc:
+            print(f"edgeagent close: --at: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    opened = _exit_rules_and_journal(args)
+    if isinstance(opened, int):
+        return opened
+    rules, journal = opened
+    try:
+        result = journal.close_session(args.out_serial, at, rules, time.time())
+    finally:
+        journal.close()
+    if isinstance(result, str):
+        print(f"edgeagent close: {result}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"session {args.out_serial} closed by exit #{result} (manual): it goes out once the entry is accepted")
+    return EXIT_OK
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edgeagent import simulate  # noqa: PLC0415
     from edgeagent.mqtt import publish_once  # noqa: PLC0415
@@ -312,6 +426,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dead", action="store_true", help="re-queue every dead request")
     p.add_argument("--all", action="store_true", help="re-queue every dead and pending request, due at once")
     p.add_argument("--rebuild", action="store_true", help="rebuild their bodies from the current config")
+    p = add("sessions", cmd_sessions, "parking sessions: entry, exit, match, state")
+    with_config(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--open", action="store_true", help="sessions whose car has not left")
+    which.add_argument("--closed", action="store_true", help="sessions whose exit was sent")
+    which.add_argument("--orphans", action="store_true", help="exit reads that match no session")
+    p.add_argument("--plate", metavar="P", help="only this plate (as entered or as read at the exit)")
+    p.add_argument("--limit", type=int, default=50, metavar="N")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p = add("attach", cmd_attach, "join an orphan exit read to an open session and send its exit")
+    with_config(p)
+    p.add_argument("exit_id", type=int, metavar="EXIT_ID")
+    p.add_argument("out_serial", metavar="OUT_SERIAL")
+    p = add("dismiss", cmd_dismiss, "mark an orphan exit read as handled, sending nothing (it is kept)")
+    with_config(p)
+    p.add_argument("exit_id", type=int, metavar="EXIT_ID")
+    p = add("close", cmd_close, "close a session whose car left unseen; its exit is sent flagged manual")
+    with_config(p)
+    p.add_argument("out_serial", metavar="OUT_SERIAL")
+    p.add_argument("--at", metavar="TIME", help="when the car left: Unix seconds or ISO 8601 (default: now)")
     p = add("simulate", cmd_simulate, "publish a plate read in that camera's own format (commissioning)")
     with_config(p)
     p.add_argument("--camera", required=True, metavar="ID")

@@ -27,6 +27,7 @@ from edgeagent.clock import Clock
 from edgeagent.config import Config
 from edgeagent.delivery import DeliveryLoop
 from edgeagent.errors import JournalError, KeyFileError
+from edgeagent.exits import ExitRules
 from edgeagent.ingest import IngestLoop
 from edgeagent.journal import Journal, RecentLookup
 from edgeagent.model import Entry, Rejection
@@ -91,6 +92,7 @@ class Daemon:
             build_body=requests.entry_body,
             repeat_rule=repeat_rule,
             serial_prefix=config.serial_prefix,
+            exits=ExitRules.from_config(config),
         )
         # Delivery: its own journal connection, one uplink, the keys that verify answers.
         self.uplink = Uplink(config.wechatpay, self.clock)
@@ -105,6 +107,7 @@ class Daemon:
             base_url=lambda: self.uplink.base_url_in_use,
         )
         self.ingest.listeners.append(self.delivery.offer)
+        self.ingest.wakers.append(self.delivery.wake)
         self.lot = parking_lot.LotWatch(
             lambda: parking_lot.query(config, self.uplink, keys, self.private_key, self.clock), self.clock
         )
@@ -242,11 +245,14 @@ class Daemon:
         now = time.time()
         # Latency sorts a day of answers: at most once a minute, not on every batch.
         fresh_latency = now - self._latency_at >= LATENCY_EVERY_S
-        queue_view, cameras, latency, error = from_journal(self.journal_reader, now, latency=fresh_latency)
-        if latency is not None:
-            self._latency, self._latency_at = latency, now
+        counted = from_journal(self.journal_reader, now, latency=fresh_latency)
+        if counted.latency is not None:
+            self._latency, self._latency_at = counted.latency, now
         disk = disk_view(self.config.state_dir)
-        status = build_status(self.config, runtime, True, queue_view, cameras, error, now, disk, self._latency)
+        c = counted
+        status = build_status(
+            self.config, runtime, True, c.queue, c.cameras, c.error, now, disk, self._latency, c.sessions
+        )
         status["client_id"] = self.config.mqtt.client_id
         return status
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from edgeagent import failpoints
 from edgeagent.clock import Clock
 from edgeagent.errors import JournalError
+from edgeagent.exits import ExitRules
 from edgeagent.journal import BodyBuilder, Due, Journal, Recorded, RepeatRule
 from edgeagent.model import Ignored
 from edgeagent.mqtt import Message
@@ -32,6 +33,7 @@ MAX_BATCH = 500
 BATCH_WINDOW_S = 0.005  # under load, wait this long for more messages once one arrived: cheap group commit
 HOUSEKEEPING_EVERY_S = 600.0
 CAR_TYPE_REFRESH_EVERY_S = 5.0
+REMATCH_EVERY_S = 1.0
 
 
 @dataclass
@@ -40,6 +42,7 @@ class IngestStats:
 
     batches: int = 0
     entries: int = 0
+    exits: int = 0
     rejected: int = 0
     duplicates: int = 0
     ignored: int = 0
@@ -61,6 +64,7 @@ class IngestLoop:
         build_body: BodyBuilder,
         repeat_rule: RepeatRule,
         serial_prefix: str,
+        exits: ExitRules | None = None,
     ) -> None:
         self.inbox = inbox
         self.pipeline = pipeline
@@ -70,6 +74,8 @@ class IngestLoop:
         self.build_body = build_body
         self.repeat_rule = repeat_rule
         self.serial_prefix = serial_prefix
+        self.exits = exits
+        self._next_rematch = 0.0
         self.stats = IngestStats()
         self._stop = threading.Event()
         self._next_housekeeping = 0.0
@@ -78,6 +84,8 @@ class IngestLoop:
         # Called after a batch with new entries committed, with those entries: the delivery loop's
         # hand-over, so a fresh entry is sent at once, without waiting for a poll or a query.
         self.listeners: list[Callable[[list[Due]], None]] = []
+        # Called when requests became due without new reads (an exit read matched its late session).
+        self.wakers: list[Callable[[], None]] = []
 
     def stop(self) -> None:
         self._stop.set()
@@ -121,6 +129,9 @@ class IngestLoop:
             self._next_refresh = mono + CAR_TYPE_REFRESH_EVERY_S
         if mono >= self._next_housekeeping:
             self._housekeeping()
+        if self.exits is not None and mono >= self._next_rematch:
+            self._next_rematch = mono + REMATCH_EVERY_S
+            self._rematch()
         if self.stats.batches and failpoints.armed("ingest-hang"):
             log.error("failpoint ingest-hang: intake stops here")
             self._stop.wait()
@@ -152,6 +163,7 @@ class IngestLoop:
                     build_body=self.build_body,
                     repeat_rule=self.repeat_rule,
                     now=now,
+                    exits=self.exits,
                 )
                 break
             except JournalError as exc:
@@ -172,15 +184,24 @@ class IngestLoop:
         fresh = [
             Due(r.id, Kind.ENTRY, r.out_serial_number or "", r.body or b"", 0, inbound.received_at)
             for r, (_, inbound) in zip(results, items, strict=True)
-            if r.outcome is Recorded.ENTRY
+            if r.outcome is Recorded.ENTRY and r.depends_on is None  # one after an inferred exit waits for it
         ]
         if fresh:
             for listener in self.listeners:
                 listener(fresh)
+        if any(r.outcome is Recorded.EXIT or (r.outcome is Recorded.ENTRY and r.depends_on) for r in results):
+            for waker in self.wakers:  # exits (and entries behind an inferred exit) go by the journal's order
+                waker()
         for result in results:
             if result.outcome is Recorded.ENTRY:
                 self.stats.entries += 1
                 log.info("entry_journaled id=%d out_serial_number=%s", result.id, result.out_serial_number)
+            elif result.outcome is Recorded.EXIT:
+                self.stats.exits += 1
+                log.info("exit_journaled id=%d out_serial_number=%s", result.id, result.out_serial_number)
+            elif result.outcome is Recorded.HELD:
+                self.stats.exits += 1
+                log.info("exit_held id=%d (no session yet)", result.id)
             elif result.outcome is Recorded.DUPLICATE:
                 self.stats.duplicates += 1
             else:
@@ -188,6 +209,22 @@ class IngestLoop:
         self.stats.batches += 1
         self.stats.last_progress = self.clock.monotonic()
         return True
+
+    def _rematch(self) -> None:
+        """Exit reads waiting for their session: matched once it is journaled, orphans after exit_hold_s."""
+        assert self.exits is not None
+        try:
+            matched, orphaned = self.journal.rematch(self.exits, self.clock.now(), self.clock.system())
+        except JournalError as exc:
+            log.warning("exit_rematch_failed error=%s", exc)
+            return
+        for row_id in matched:
+            log.info("exit_matched id=%d (its session arrived)", row_id)
+        for row_id in orphaned:
+            log.warning("exit_orphaned id=%d (no session within exit_hold_s; see edgeagent sessions --orphans)", row_id)
+        if matched:
+            for listener in self.wakers:
+                listener()
 
     def _housekeeping(self) -> None:
         self._next_housekeeping = self.clock.monotonic() + HOUSEKEEPING_EVERY_S

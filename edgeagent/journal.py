@@ -15,6 +15,7 @@ is decided by its owners. The only module with SQL; sqlite3 errors become `Journ
 from __future__ import annotations
 
 import enum
+import json
 import secrets
 import sqlite3
 import string
@@ -26,9 +27,10 @@ from typing import Any
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random
 
-from edgeagent import policy
+from edgeagent import policy, sessions
 from edgeagent.errors import JournalError
-from edgeagent.model import REJECTED_PAYLOAD_CAP, Entry, EntryState, Inbound, Reason, Rejection
+from edgeagent.exits import ExitRules
+from edgeagent.model import REJECTED_PAYLOAD_CAP, Entry, EntryState, ExitRead, Inbound, Reason, Rejection
 from edgeagent.requests import Kind
 
 RETENTION_S = 30 * 86400  # SPEC §6: sent and rejected rows are pruned after 30 days
@@ -103,13 +105,18 @@ MIGRATIONS: tuple[str, ...] = (
     # connection, unverified 2xx, 5xx): `retry --rebuild` leaves such a body as it is. `acceptance`:
     # how a sent row was confirmed ("verified", or "duplicate" = refused as an already used number).
     # `answered_at`: the system clock when the verified answer arrived (latency in status).
+    # Exits (issue 10): an exit row shares its entry's number and `depends_on` it; `plate_number` is the
+    # plate as read at the exit, the body the session's. `match`: exact | fuzzy | manual | inferred |
+    # none; `clamped`: exit_timestamp raised to entry + 1; `candidates`: the sessions that fitted when
+    # none was chosen (JSON). An exit read with no session yet is `held` until `hold_until`, then an
+    # `orphan` (never sent) until it is matched, attached or `dismissed`.
     """
     INSERT OR REPLACE INTO meta (key, value)
         SELECT 'migration4_seq', seq FROM sqlite_sequence WHERE name = 'events';
     CREATE TABLE events_v4 (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         kind TEXT NOT NULL CHECK (kind IN ('entry', 'exit', 'rejected')),
-        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead', 'rejected')),
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead', 'rejected', 'held', 'orphan', 'dismissed')),
         dedup_key TEXT NOT NULL UNIQUE,
         camera TEXT,
         lane TEXT,
@@ -146,6 +153,12 @@ MIGRATIONS: tuple[str, ...] = (
         uncertain INTEGER NOT NULL DEFAULT 0,
         acceptance TEXT,
         answered_at REAL,
+        exit_number TEXT,
+        exit_timestamp INTEGER,
+        match TEXT,
+        clamped INTEGER NOT NULL DEFAULT 0,
+        candidates TEXT,
+        hold_until REAL,
         UNIQUE (kind, out_serial_number)
     );
     INSERT INTO events_v4 (
@@ -175,6 +188,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_state ON events (state, id);
     CREATE INDEX events_answered ON events (kind, answered_at) WHERE answered_at IS NOT NULL;
     CREATE INDEX events_serial ON events (serial_number) WHERE serial_number IS NOT NULL;
+    CREATE INDEX events_depends ON events (depends_on) WHERE depends_on IS NOT NULL;
+    CREATE INDEX events_unmatched ON events (id) WHERE state IN ('held', 'orphan');
     """,
 )
 
@@ -182,7 +197,8 @@ COLUMNS = (
     "id, kind, state, camera, lane, received_at, updated_at, reason, detail, out_serial_number, plate_number, "
     "plate_color, vehicle_type, car_type, entrance_number, entrance_name, enter_timestamp, time_source, "
     "clock_synced, attempts, next_attempt_at, last_error, serial_number, sent_at, topic, payload_sha256, "
-    "payload_size, time_corrected, depends_on, uncertain, acceptance, answered_at"
+    "payload_size, time_corrected, depends_on, uncertain, acceptance, answered_at, exit_number, exit_timestamp, "
+    "match, clamped, candidates, hold_until"
 )
 
 
@@ -190,6 +206,8 @@ class Recorded(enum.StrEnum):
     """What recording one item did."""
 
     ENTRY = "entry"
+    EXIT = "exit"  # an exit read matched to its session: an exit request, pending
+    HELD = "held"  # an exit read with no session yet: waits exit_hold_s, then an orphan
     REJECTED = "rejected"
     REPEAT = "repeat"  # rejected as a repeat of an earlier entry
     DUPLICATE = "duplicate"  # a redelivery of something already journaled: nothing written
@@ -203,6 +221,19 @@ class Record:
     id: int
     out_serial_number: str | None = None
     body: bytes | None = None  # the request body of a new entry, for the hand-over to delivery
+    depends_on: int | None = None  # a request that must be sent first (an inferred exit, an entry)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    """An open session as matching needs it: the entry's row (exits.SessionLike)."""
+
+    id: int
+    out_serial_number: str
+    plate_number: str
+    plate_color: str
+    enter_timestamp: int
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +264,18 @@ Rebuild = Callable[[Kind, bytes, str | None, str | None], bytes]  # (kind, body,
 # range, the rejection to record instead, or None.
 RecentLookup = Callable[[str, float, float], int | None]
 RepeatRule = Callable[[Entry, RecentLookup], Rejection | None]
+
+
+def session_state(row: dict[str, Any]) -> str:
+    """A `sessions` row's state (SPEC §2): open | exit_pending | closed | orphan | dismissed."""
+    if row["entry_id"] is None:  # an exit read with no session
+        return {"held": "exit_pending", "orphan": "orphan", "dismissed": "dismissed"}[row["exit_state"]]
+    if row["exit_id"] is None:
+        return "open"
+    return "closed" if row["exit_state"] == "sent" else "exit_pending"
+
+
+_VIEWS = {"open": ("open",), "closed": ("closed",), "orphans": ("orphan",)}
 
 
 def boot_id() -> str:
@@ -341,18 +384,24 @@ class Journal:
 
     def record_batch(
         self,
-        items: Sequence[tuple[Entry | Rejection, Inbound]],
+        items: Sequence[tuple[Entry | ExitRead | Rejection, Inbound]],
         *,
         serial_prefix: str,
         build_body: BodyBuilder,
         repeat_rule: RepeatRule,
         now: float,
+        exits: ExitRules | None = None,
     ) -> list[Record]:
-        """Record every item in one transaction (one fsync). Redeliveries are no-ops (DUPLICATE)."""
+        """Record every item in one transaction (one fsync). Redeliveries are no-ops (DUPLICATE).
+
+        With `exits`, an entry first closes an open session of its plate (re-entry, SPEC §10) and an
+        exit read is matched to its session; without, sessions are not tracked (exit reads refused).
+        """
         return list(
             self._write(
                 lambda: [
-                    self._record(item, inbound, serial_prefix, build_body, repeat_rule, now) for item, inbound in items
+                    self._record(item, inbound, serial_prefix, build_body, repeat_rule, now, exits)
+                    for item, inbound in items
                 ]
             )
         )
@@ -372,12 +421,13 @@ class Journal:
 
     def _record(
         self,
-        item: Entry | Rejection,
+        item: Entry | ExitRead | Rejection,
         inbound: Inbound,
         serial_prefix: str,
         build_body: BodyBuilder,
         repeat_rule: RepeatRule,
         now: float,
+        exits: ExitRules | None,
     ) -> Record:
         existing = self._existing(item.dedup_key)
         if existing is not None:
@@ -386,11 +436,27 @@ class Journal:
             repeat = repeat_rule(item, self.recent_entry)
             if repeat is not None:
                 return self._reject(repeat, inbound, now, Recorded.REPEAT)
-            return self._insert_entry(item, inbound, serial_prefix, build_body, now)
+            first = None
+            if exits is not None:
+                first = self._close_previous(item, inbound, exits, now)
+            return self._insert_entry(item, inbound, serial_prefix, build_body, now, first)
+        if isinstance(item, ExitRead):
+            if exits is None:
+                detail = "exit reads need session tracking ([sessions])"
+                return self._reject(
+                    Rejection(item.camera, item.lane, item.dedup_key, Reason.UNMAPPED_LANE, detail), inbound, now
+                )
+            return self._record_exit(item, inbound, exits, now)
         return self._reject(item, inbound, now)
 
     def _insert_entry(
-        self, entry: Entry, inbound: Inbound, serial_prefix: str, build_body: BodyBuilder, now: float
+        self,
+        entry: Entry,
+        inbound: Inbound,
+        serial_prefix: str,
+        build_body: BodyBuilder,
+        now: float,
+        depends_on: int | None = None,
     ) -> Record:
         # AUTOINCREMENT's sequence never goes back, even after pruning, so neither does the serial.
         seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
@@ -407,8 +473,8 @@ class Journal:
             "INSERT INTO events (id, kind, state, dedup_key, camera, lane, topic, received_at, updated_at, "
             "out_serial_number, plate_number, plate_color, vehicle_type, car_type, entrance_number, "
             "entrance_name, enter_timestamp, time_source, clock_synced, confidence, body, next_attempt_at, "
-            "payload_sha256, payload_size, received_mono, boot_id) VALUES (?, 'entry', 'pending', ?, ?, ?, ?, ?, ?, "
-            "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "payload_sha256, payload_size, received_mono, boot_id, depends_on) VALUES (?, 'entry', 'pending', ?, ?, "
+            "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 row_id,
                 entry.dedup_key,
@@ -434,9 +500,330 @@ class Journal:
                 inbound.payload_size,
                 inbound.received_mono,
                 self._boot_id,
+                depends_on,
             ),
         )
-        return Record(Recorded.ENTRY, row_id, serial, body)
+        return Record(Recorded.ENTRY, row_id, serial, body, depends_on)
+
+    # -- sessions (SPEC §10) -------------------------------------------------------------------
+
+    def open_sessions(self, plates: Sequence[str]) -> list[SessionRow]:
+        """Entries of these plates with no exit row yet (open sessions), oldest first."""
+        if not plates:
+            return []
+        marks = ",".join("?" * len(plates))
+        rows = self._db.execute(
+            "SELECT id, out_serial_number, plate_number, plate_color, enter_timestamp, body FROM events AS e "
+            f"WHERE kind = 'entry' AND plate_number IN ({marks}) AND NOT EXISTS "
+            "(SELECT 1 FROM events AS x WHERE x.kind = 'exit' AND x.depends_on = e.id) ORDER BY id",
+            tuple(plates),
+        ).fetchall()
+        return [SessionRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+
+    def _close_previous(self, entry: Entry, inbound: Inbound, exits: ExitRules, now: float) -> int | None:
+        """Re-entry (SPEC §10): an open session of the same plate is closed by an inferred exit at the new
+        entry's time, sent before the new entry (which depends on it). Returns the last such exit's id."""
+        plan = exits.reentry(entry.plate_number, entry.enter_timestamp, self.open_sessions([entry.plate_number]))
+        last = None
+        for inferred in plan.close:
+            session = inferred.session
+            last = self._insert_exit(
+                session,
+                camera=entry.camera,
+                lane=entry.lane,
+                dedup_key=f"{entry.dedup_key}|closes|{session.out_serial_number}",
+                inbound=inbound,
+                plate_as_read=entry.plate_number,
+                exit_number="",
+                exit_timestamp=inferred.exit.timestamp,
+                clamped=inferred.exit.clamped,
+                match="inferred",
+                body=exits.body(session, inferred.exit.timestamp),
+                now=now,
+            )
+        return last
+
+    def _insert_exit(
+        self,
+        session: SessionRow,
+        *,
+        camera: str | None,
+        lane: str | None,
+        dedup_key: str,
+        inbound: Inbound | None,
+        plate_as_read: str,
+        exit_number: str,
+        exit_timestamp: int,
+        clamped: bool,
+        match: str,
+        body: bytes,
+        now: float,
+        received_at: float | None = None,
+    ) -> int:
+        cur = self._db.execute(
+            "INSERT INTO events (kind, state, dedup_key, camera, lane, topic, received_at, updated_at, "
+            "out_serial_number, plate_number, plate_color, exit_number, exit_timestamp, match, clamped, body, "
+            "depends_on, next_attempt_at, payload_sha256, payload_size, received_mono, boot_id) "
+            "VALUES ('exit', 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                dedup_key,
+                camera,
+                lane,
+                inbound.topic if inbound else None,
+                received_at if received_at is not None else (inbound.received_at if inbound else now),
+                now,
+                session.out_serial_number,
+                plate_as_read,
+                session.plate_color,
+                exit_number,
+                exit_timestamp,
+                match,
+                int(clamped),
+                body,
+                session.id,
+                now,
+                inbound.payload_sha256 if inbound else None,
+                inbound.payload_size if inbound else None,
+                inbound.received_mono if inbound else None,
+                self._boot_id,
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    def _recent_exit(self, read: ExitRead, window_s: float) -> int | None:
+        """An exit read of the same plate at the same exit within the window (SPEC §10: one exit)."""
+        row = self._db.execute(
+            "SELECT id FROM events WHERE kind = 'exit' AND plate_number = ? AND exit_number = ? "
+            "AND exit_timestamp BETWEEN ? AND ? ORDER BY id DESC LIMIT 1",
+            (read.plate_number, read.exit_number, read.read_at - window_s, read.read_at + window_s),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _record_exit(self, read: ExitRead, inbound: Inbound, exits: ExitRules, now: float) -> Record:
+        if exits.repeat_window_s > 0 and (earlier := self._recent_exit(read, exits.repeat_window_s)) is not None:
+            detail = f"same plate at exit {read.exit_number} as #{earlier} within {exits.repeat_window_s:g} s"
+            rejection = Rejection(
+                read.camera, read.lane, read.dedup_key, Reason.REPEAT, detail, read.plate_number, earlier
+            )
+            return self._reject(rejection, inbound, now, Recorded.REPEAT)
+        found = exits.match(read.plate_number, read.read_at, self.open_sessions(exits.lookup_plates(read.plate_number)))
+        if found.session is not None:
+            when = sessions.exit_timestamp(read.read_at, found.session.enter_timestamp)
+            exit_id = self._insert_exit(
+                found.session,
+                camera=read.camera,
+                lane=read.lane,
+                dedup_key=read.dedup_key,
+                inbound=inbound,
+                plate_as_read=read.plate_number,
+                exit_number=read.exit_number,
+                exit_timestamp=when.timestamp,
+                clamped=when.clamped,
+                match=found.kind.value,
+                body=exits.body(found.session, when.timestamp),
+                now=now,
+            )
+            return Record(Recorded.EXIT, exit_id, found.session.out_serial_number, depends_on=found.session.id)
+        candidates = json.dumps([c.out_serial_number for c in found.candidates]) if found.candidates else None
+        cur = self._db.execute(
+            "INSERT INTO events (kind, state, dedup_key, camera, lane, topic, received_at, updated_at, plate_number, "
+            "plate_color, exit_number, exit_timestamp, match, candidates, hold_until, time_source, clock_synced, "
+            "confidence, payload_sha256, payload_size, received_mono, boot_id) "
+            "VALUES ('exit', 'held', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'none', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                read.dedup_key,
+                read.camera,
+                read.lane,
+                inbound.topic,
+                inbound.received_at,
+                now,
+                read.plate_number,
+                read.plate_color.value,
+                read.exit_number,
+                read.read_at,
+                candidates,
+                sessions.hold_deadline(inbound.received_at, exits.exit_hold_s),
+                read.time_source.value,
+                int(read.clock_synced),
+                read.confidence,
+                inbound.payload_sha256,
+                inbound.payload_size,
+                inbound.received_mono,
+                self._boot_id,
+            ),
+        )
+        return Record(Recorded.HELD, int(cur.lastrowid or 0))
+
+    def rematch(self, exits: ExitRules, now: float, system_now: float) -> tuple[list[int], list[int]]:
+        """Held and orphan exit reads tried again against the open sessions (their entry may have been
+        journaled since); held ones past `hold_until` (system clock) become orphans. Returns (matched,
+        orphaned) ids."""
+
+        def apply() -> tuple[list[int], list[int]]:
+            matched: list[int] = []
+            orphaned: list[int] = []
+            rows = self._db.execute(
+                "SELECT id, plate_number, exit_timestamp, state, hold_until FROM events "
+                "WHERE state IN ('held', 'orphan') ORDER BY id"
+            ).fetchall()
+            for row_id, plate, read_at, state, hold_until in rows:
+                found = exits.match(plate, read_at, self.open_sessions(exits.lookup_plates(plate)))
+                if found.session is not None:
+                    self._match_row(int(row_id), found.session, found.kind.value, int(read_at), exits, now)
+                    matched.append(int(row_id))
+                    continue
+                if found.candidates:
+                    candidates = json.dumps([c.out_serial_number for c in found.candidates])
+                    self._db.execute("UPDATE events SET candidates = ? WHERE id = ?", (candidates, row_id))
+                if state == "held" and hold_until is not None and hold_until <= system_now:
+                    self._db.execute(
+                        "UPDATE events SET state = 'orphan', updated_at = ? WHERE id = ? AND state = 'held'",
+                        (now, row_id),
+                    )
+                    orphaned.append(int(row_id))
+            return matched, orphaned
+
+        if not self._query("SELECT 1 FROM events WHERE state IN ('held', 'orphan') LIMIT 1"):
+            return [], []
+        result: tuple[list[int], list[int]] = self._write(apply)
+        return result
+
+    def _match_row(
+        self, row_id: int, session: SessionRow, match: str, read_at: int, exits: ExitRules, now: float
+    ) -> None:
+        when = sessions.exit_timestamp(read_at, session.enter_timestamp)
+        self._db.execute(
+            "UPDATE events SET state = 'pending', out_serial_number = ?, plate_color = ?, exit_timestamp = ?, "
+            "match = ?, clamped = ?, body = ?, depends_on = ?, next_attempt_at = ?, updated_at = ?, candidates = NULL "
+            "WHERE id = ? AND state IN ('held', 'orphan')",
+            (
+                session.out_serial_number,
+                session.plate_color,
+                when.timestamp,
+                match,
+                int(when.clamped),
+                exits.body(session, when.timestamp),
+                session.id,
+                now,
+                now,
+                row_id,
+            ),
+        )
+
+    def attach(self, exit_id: int, out_serial_number: str, exits: ExitRules, now: float) -> str | None:
+        """`edgeagent attach`: join an orphan (or held) exit read to the open session `out_serial_number`;
+        its exit is then sent, flagged manual. Returns None, or why it cannot be done."""
+
+        def apply() -> str | None:
+            row = self._db.execute(
+                "SELECT state, exit_timestamp FROM events WHERE id = ? AND kind = 'exit'", (exit_id,)
+            ).fetchone()
+            if row is None:
+                return f"#{exit_id} is not an exit read"
+            if row[0] not in ("held", "orphan"):
+                return f"exit #{exit_id} is {row[0]}, not an orphan"
+            session = self._open_session(out_serial_number)
+            if session is None:
+                return f"no open session {out_serial_number} (unknown, or its car has left already)"
+            self._match_row(exit_id, session, "manual", int(row[1]), exits, now)
+            return None
+
+        problem: str | None = self._write(apply)
+        return problem
+
+    def _open_session(self, out_serial_number: str) -> SessionRow | None:
+        row = self._db.execute(
+            "SELECT id, out_serial_number, plate_number, plate_color, enter_timestamp, body FROM events AS e "
+            "WHERE kind = 'entry' AND out_serial_number = ? AND NOT EXISTS "
+            "(SELECT 1 FROM events AS x WHERE x.kind = 'exit' AND x.depends_on = e.id)",
+            (out_serial_number,),
+        ).fetchone()
+        return None if row is None else SessionRow(row[0], row[1], row[2], row[3], row[4], bytes(row[5]))
+
+    def dismiss(self, exit_id: int, now: float) -> str | None:
+        """`edgeagent dismiss`: an orphan (or held) exit read handled without sending anything (kept)."""
+
+        def apply() -> str | None:
+            row = self._db.execute("SELECT state FROM events WHERE id = ? AND kind = 'exit'", (exit_id,)).fetchone()
+            if row is None:
+                return f"#{exit_id} is not an exit read"
+            if row[0] not in ("held", "orphan"):
+                return f"exit #{exit_id} is {row[0]}, not an orphan"
+            self._db.execute("UPDATE events SET state = 'dismissed', updated_at = ? WHERE id = ?", (now, exit_id))
+            return None
+
+        problem: str | None = self._write(apply)
+        return problem
+
+    def close_session(self, out_serial_number: str, at: float, exits: ExitRules, now: float) -> int | str:
+        """`edgeagent close`: a session whose car left unseen gets an exit at `at`, flagged manual.
+        Returns the exit row's id, or why it cannot be done."""
+
+        def apply() -> int | str:
+            session = self._open_session(out_serial_number)
+            if session is None:
+                return f"no open session {out_serial_number} (unknown, or already closed)"
+            when = sessions.exit_timestamp(at, session.enter_timestamp)
+            return self._insert_exit(
+                session,
+                camera=None,
+                lane=None,
+                dedup_key=f"close|{out_serial_number}",
+                inbound=None,
+                plate_as_read=session.plate_number,
+                exit_number="",
+                exit_timestamp=when.timestamp,
+                clamped=when.clamped,
+                match="manual",
+                body=exits.body(session, when.timestamp),
+                now=now,
+                received_at=now,
+            )
+
+        result: int | str = self._write(apply)
+        return result
+
+    def sessions(self, view: str | None = None, plate: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """Sessions, newest first (SPEC §2 `sessions`): each entry with its exit (if any), and every exit
+        read that has no session (held, orphan, dismissed). `view`: open | closed | orphans | None (all)."""
+        rows = self._query(
+            "SELECT e.id AS entry_id, e.out_serial_number, e.plate_number, e.entrance_number, e.enter_timestamp, "
+            "e.state AS entry_state, e.received_at, x.id AS exit_id, x.exit_number, x.exit_timestamp, "
+            "x.state AS exit_state, x.match, x.clamped, x.plate_number AS exit_plate_read, x.candidates "
+            "FROM events AS e LEFT JOIN events AS x ON x.kind = 'exit' AND x.depends_on = e.id "
+            "WHERE e.kind = 'entry' AND (? IS NULL OR e.plate_number = ? OR x.plate_number = ?) "
+            "UNION ALL "
+            "SELECT NULL, NULL, NULL, NULL, NULL, NULL, x.received_at, x.id, x.exit_number, x.exit_timestamp, "
+            "x.state, x.match, x.clamped, x.plate_number, x.candidates FROM events AS x "
+            "WHERE x.kind = 'exit' AND x.state IN ('held', 'orphan', 'dismissed') "
+            "AND (? IS NULL OR x.plate_number = ?) "
+            "ORDER BY received_at DESC LIMIT ?",
+            (plate, plate, plate, plate, plate, limit if view is None else 1_000_000),
+        )
+        found = [{key: row[key] for key in row.keys()} for row in rows]  # noqa: SIM118
+        if view is not None:
+            found = [r for r in found if session_state(r) in _VIEWS[view]][:limit]
+        return found
+
+    def session_counts(self, now: float) -> dict[str, Any]:
+        """The `sessions` part of `status` (SPEC §7)."""
+        open_row = self._query(
+            "SELECT count(*), min(e.received_at) FROM events AS e WHERE e.kind = 'entry' AND NOT EXISTS "
+            "(SELECT 1 FROM events AS x WHERE x.kind = 'exit' AND x.depends_on = e.id)"
+        )[0]
+        pending = self._query("SELECT count(*) FROM events WHERE kind = 'exit' AND state IN ('pending', 'dead')")[0][0]
+        orphans = self._query("SELECT count(*) FROM events WHERE kind = 'exit' AND state = 'orphan'")[0][0]
+        held = self._query("SELECT count(*) FROM events WHERE kind = 'exit' AND state = 'held'")[0][0]
+        fuzzy = self._query(
+            "SELECT count(*) FROM events WHERE kind = 'exit' AND match = 'fuzzy' AND received_at >= ?", (now - 86400,)
+        )[0][0]
+        return {
+            "open": int(open_row[0]),
+            "oldest_open_age_s": None if open_row[1] is None else round(max(0.0, now - float(open_row[1])), 1),
+            "exits_pending": int(pending) + int(held),
+            "orphans": int(orphans),
+            "fuzzy_24h": int(fuzzy),
+        }
 
     def _reject(self, rej: Rejection, inbound: Inbound, now: float, outcome: Recorded = Recorded.REJECTED) -> Record:
         cur = self._db.execute(

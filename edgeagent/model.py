@@ -150,6 +150,27 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
+class ExitRead:
+    """An exit read ready to be journaled (SPEC §10): the plate as read, and where and when.
+
+    It becomes an exit request once it is matched to a session; the request then carries the
+    session's plate, colour and number, while this read stays in the journal as evidence.
+    """
+
+    camera: str
+    lane: str | None
+    dedup_key: str
+    plate_number: str  # as read, normalised
+    plate_color: PlateColor  # as read
+    read_at: int  # Unix seconds, on the clock `time_source` names
+    time_source: TimeSource
+    clock_synced: bool
+    exit_number: str
+    exit_name: str
+    confidence: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Rejection:
     """A read that did not become an entry, kept with its reason for inspection (SPEC §6)."""
 

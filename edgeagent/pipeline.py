@@ -13,11 +13,11 @@ import re
 from dataclasses import dataclass
 
 from edgeagent import decoders
-from edgeagent.config import CameraConfig, Config
+from edgeagent.config import CameraConfig, Config, ExitConfig
 from edgeagent.errors import DecodeError
-from edgeagent.model import REJECTED_PAYLOAD_CAP, Entry, Ignored, Inbound, PlateRead, Reason, Rejection
+from edgeagent.model import REJECTED_PAYLOAD_CAP, Entry, ExitRead, Ignored, Inbound, PlateRead, Reason, Rejection
 from edgeagent.routing import Router
-from edgeagent.screening import CarTypeLists, screen
+from edgeagent.screening import CarTypeLists, screen, screen_exit
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def dedup_key(camera: str, read: PlateRead | None, digest: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Processed:
-    outcome: Entry | Rejection | Ignored
+    outcome: Entry | ExitRead | Rejection | Ignored
     inbound: Inbound
 
 
@@ -102,23 +102,39 @@ class Pipeline:
             return reject(camera.id, Reason.MALFORMED, detail)
         if isinstance(read, Ignored):
             return Processed(read, inbound)
-        entrance = self.router.entrance_for(camera.id, read.lane)
-        if entrance is None:
+        place = self.router.route(camera.id, read.lane, read.direction)
+        if place is Reason.NO_DIRECTION:
+            detail = f"camera {camera.id!r} lane {read.lane!r} is two-way and the read does not say in or out"
+            return reject(camera.id, Reason.NO_DIRECTION, detail, read.lane)
+        if isinstance(place, Reason):
             lane = f"lane {read.lane!r}" if read.lane is not None else "no lane"
-            return reject(
-                camera.id, Reason.UNMAPPED_LANE, f"camera {camera.id!r} {lane} maps to no [[entrances]]", read.lane
-            )
+            detail = f"camera {camera.id!r} {lane} maps to no [[entrances]] or [[exits]]"
+            return reject(camera.id, Reason.UNMAPPED_LANE, detail, read.lane)
         key = dedup_key(record_scope(camera, topic), read, digest)
-        screened = screen(
-            read,
-            camera=camera,
-            entrance=entrance,
-            parking=self.config.parking,
-            dedup_key=key,
-            now=now,
-            clock_synced=clock_synced,
-            car_type_of=self.car_types,
-        )
+        if isinstance(place, ExitConfig):
+            out = screen_exit(
+                read,
+                camera=camera,
+                exit_=place,
+                parking=self.config.parking,
+                dedup_key=key,
+                now=now,
+                clock_synced=clock_synced,
+            )
+            if isinstance(out, ExitRead):
+                return Processed(out, inbound)
+            screened = out
+        else:
+            screened = screen(
+                read,
+                camera=camera,
+                entrance=place,
+                parking=self.config.parking,
+                dedup_key=key,
+                now=now,
+                clock_synced=clock_synced,
+                car_type_of=self.car_types,
+            )
         if screened.entry is not None:
             return Processed(screened.entry, inbound)
         assert screened.reason is not None

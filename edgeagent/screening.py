@@ -14,8 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeagent import plates
-from edgeagent.config import CameraConfig, EntranceConfig, ParkingConfig
-from edgeagent.model import CarType, Entry, PlateColor, PlateRead, Reason, Rejection, TimeSource, VehicleType
+from edgeagent.config import CameraConfig, EntranceConfig, ExitConfig, ParkingConfig
+from edgeagent.model import (
+    CarType,
+    Entry,
+    ExitRead,
+    PlateColor,
+    PlateRead,
+    Reason,
+    Rejection,
+    TimeSource,
+    VehicleType,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +96,9 @@ def screen(
 ) -> Screened:
     """Apply SPEC §4's rules to one read: plate validity, confidence, time, colour, types."""
     plate = plates.normalise(read.plate or "")
-    kind = plates.classify(plate)
-    if kind is plates.PlateClass.NO_PLATE:
-        return Screened(None, Reason.NO_PLATE, "the camera read no plate")
-    if kind is plates.PlateClass.INVALID:
-        return Screened(None, Reason.INVALID_PLATE, f"{plate[:40]!r} is not a mainland plate", plate[:40])
-    threshold = camera.min_confidence if camera.min_confidence is not None else parking.min_confidence
-    if read.confidence is not None and read.confidence < threshold:
-        return Screened(None, Reason.LOW_CONFIDENCE, f"confidence {read.confidence:.2f} < {threshold:.2f}", plate)
+    refused = _refused(read, plate, camera, parking)
+    if refused is not None:
+        return refused
     enter_timestamp, time_source = entry_time(read, parking, now, clock_synced)
     color = read.color if read.color not in (None, PlateColor.UNKNOWN) else plates.color_from_plate(plate)
     vehicle_type = (
@@ -120,6 +125,51 @@ def screen(
         confidence=read.confidence,
     )
     return Screened(entry, plate=plate)
+
+
+def _refused(read: PlateRead, plate: str, camera: CameraConfig, parking: ParkingConfig) -> Screened | None:
+    """The checks every read passes, entrance or exit: a plate, a valid one, enough confidence."""
+    kind = plates.classify(plate)
+    if kind is plates.PlateClass.NO_PLATE:
+        return Screened(None, Reason.NO_PLATE, "the camera read no plate")
+    if kind is plates.PlateClass.INVALID:
+        return Screened(None, Reason.INVALID_PLATE, f"{plate[:40]!r} is not a mainland plate", plate[:40])
+    threshold = camera.min_confidence if camera.min_confidence is not None else parking.min_confidence
+    if read.confidence is not None and read.confidence < threshold:
+        return Screened(None, Reason.LOW_CONFIDENCE, f"confidence {read.confidence:.2f} < {threshold:.2f}", plate)
+    return None
+
+
+def screen_exit(
+    read: PlateRead,
+    *,
+    camera: CameraConfig,
+    exit_: ExitConfig,
+    parking: ParkingConfig,
+    dedup_key: str,
+    now: float,
+    clock_synced: bool,
+) -> ExitRead | Screened:
+    """An exit read passes the same screening as an entry (SPEC §10), and is timed the same way."""
+    plate = plates.normalise(read.plate or "")
+    refused = _refused(read, plate, camera, parking)
+    if refused is not None:
+        return refused
+    read_at, time_source = entry_time(read, parking, now, clock_synced)
+    color = read.color if read.color not in (None, PlateColor.UNKNOWN) else plates.color_from_plate(plate)
+    return ExitRead(
+        camera=camera.id,
+        lane=read.lane,
+        dedup_key=dedup_key,
+        plate_number=plate,
+        plate_color=color or PlateColor.UNKNOWN,
+        read_at=read_at,
+        time_source=time_source,
+        clock_synced=clock_synced,
+        exit_number=exit_.number,
+        exit_name=exit_.name,
+        confidence=read.confidence,
+    )
 
 
 class CarTypeLists:

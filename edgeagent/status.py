@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
@@ -68,6 +69,16 @@ class LatencyView(TypedDict):
     exit_p95_s: float | None
 
 
+class SessionsView(TypedDict):
+    """Parking sessions (SPEC §7, §10): open ones, exits waiting, orphan exit reads, fuzzy matches."""
+
+    open: int
+    oldest_open_age_s: float | None
+    exits_pending: int
+    orphans: int
+    fuzzy_24h: int
+
+
 class StatusView(TypedDict):
     """The SPEC §7 status object; `mqtt`, `uplink` and `clock` are the daemon's heartbeat as it wrote them."""
 
@@ -80,6 +91,7 @@ class StatusView(TypedDict):
     clock: dict[str, Any]
     queue: QueueView
     cameras: list[CameraView]
+    sessions: SessionsView
     lot: LotView
     latency: LatencyView
     disk: dict[str, Any]
@@ -95,6 +107,7 @@ NO_UPLINK: dict[str, Any] = {"last_success_at": None, "last_error": None, "base_
 NO_CLOCK: dict[str, Any] = {"synchronized": None, "offset_s": None}
 NO_LOT: LotView = {"enabled_state": None, "reason": None, "checked_at": None, "error": None}
 NO_QUEUE: QueueView = {"pending": 0, "oldest_pending_age_s": None, "dead": 0, "rejected": 0, "sent_24h": 0}
+NO_SESSIONS: SessionsView = {"open": 0, "oldest_open_age_s": None, "exits_pending": 0, "orphans": 0, "fuzzy_24h": 0}
 NO_LATENCY: LatencyView = {"entry_p50_s": None, "entry_p95_s": None, "exit_p50_s": None, "exit_p95_s": None}
 
 
@@ -194,6 +207,7 @@ def build(
     now: float,
     disk: dict[str, Any] | None = None,
     latency: LatencyView | None = None,
+    sessions: SessionsView | None = None,
 ) -> StatusView:
     """The SPEC §7 status object, with `problems`: what a technician should look at, worst first."""
     hb = heartbeat or {}
@@ -238,6 +252,11 @@ def build(
         degraded.append(f"{q['pending']} entries pending, oldest {int(oldest)} s")
     if q.get("dead"):
         degraded.append(f"{q['dead']} dead-lettered entries (see: edgeagent events --state dead)")
+    parked = sessions or NO_SESSIONS
+    if parked["orphans"]:
+        degraded.append(
+            f"{parked['orphans']} exit reads match no session (edgeagent sessions --orphans; attach or dismiss)"
+        )
     state = "down" if down else "degraded" if degraded else "ok"
     camera_list: list[CameraView] = []
     for cam in config.cameras:
@@ -257,6 +276,7 @@ def build(
         "clock": clock,
         "queue": q,
         "cameras": camera_list,
+        "sessions": parked,
         "lot": lot,
         "latency": latency or NO_LATENCY,
         "disk": disk or {},
@@ -264,16 +284,26 @@ def build(
     }
 
 
-def from_journal(
-    journal: Journal, now: float, *, latency: bool = True
-) -> tuple[QueueView | None, dict[str, tuple[float, int]], LatencyView | None, str | None]:
-    """The countable parts of status: (queue, cameras, latency unless not asked for, journal error)."""
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """The countable parts of status, from the journal (None where it could not be read)."""
+
+    queue: QueueView | None = None
+    cameras: dict[str, tuple[float, int]] = field(default_factory=dict)
+    latency: LatencyView | None = None
+    sessions: SessionsView | None = None
+    error: str | None = None
+
+
+def from_journal(journal: Journal, now: float, *, latency: bool = True) -> Counted:
+    """Queue, cameras, sessions and (unless not asked for: it sorts a day of answers) latency."""
     try:
         queue: QueueView = journal.queue_summary(now)  # type: ignore[assignment]
+        parked: SessionsView = journal.session_counts(now)  # type: ignore[assignment]
         lat = latency_view(journal, now) if latency else None
-        return queue, journal.camera_summary(now), lat, None
+        return Counted(queue, journal.camera_summary(now), lat, parked)
     except JournalError as exc:
-        return None, {}, None, str(exc)
+        return Counted(error=str(exc))
 
 
 def collect(config: Config, now: float | None = None) -> StatusView:
@@ -281,23 +311,21 @@ def collect(config: Config, now: float | None = None) -> StatusView:
     now = time.time() if now is None else now
     heartbeat = read_heartbeat(config.state_dir)
     alive = heartbeat is not None and pid_is_edgeagent(int(heartbeat.get("pid", 0)))
-    queue: QueueView | None = None
-    cameras: dict[str, tuple[float, int]] = {}
-    latency: LatencyView | None = None
-    journal_error = None
+    counted = Counted()
     if config.journal_path.exists():
         try:
             journal = Journal(config.journal_path, readonly=True)
             try:
-                queue, cameras, latency, journal_error = from_journal(journal, now)
+                counted = from_journal(journal, now)
             finally:
                 journal.close()
         except JournalError as exc:
-            journal_error = str(exc)
+            counted = Counted(error=str(exc))
     elif alive:
-        journal_error = f"{config.journal_path} does not exist"
+        counted = Counted(error=f"{config.journal_path} does not exist")
+    c = counted
     disk = disk_view(config.state_dir)
-    status = build(config, heartbeat, alive, queue, cameras, journal_error, now, disk, latency)
+    status = build(config, heartbeat, alive, c.queue, c.cameras, c.error, now, disk, c.latency, c.sessions)
     return installation.annotate(status)  # versions running, credential files the unit cannot find
 
 
@@ -346,6 +374,11 @@ def render_text(status: StatusView, now: float | None = None) -> str:
     if lat["entry_p50_s"] is not None:
         wechat += f", entry latency p50 {lat['entry_p50_s']:.1f}s p95 {lat['entry_p95_s']:.1f}s"
     lines.append(f"wechat   {wechat}"[:80])
+    p = status["sessions"]
+    lines.append(
+        f"sessions {p['open']} open, {p['exits_pending']} exits waiting, {p['orphans']} orphans, "
+        f"{p['fuzzy_24h']} fuzzy 24h"[:80]
+    )
     c = status["clock"]
     offset = "unknown" if c.get("offset_s") is None else f"{float(c['offset_s']):+.1f}s"
     synced = {True: "synchronised", False: "NOT synchronised", None: "unknown"}[c.get("synchronized")]
@@ -378,6 +411,8 @@ _ENTRY_ONLY = (
     "enter_timestamp", "time_source", "clock_synced", "attempts", "next_attempt_at", "last_error", "serial_number",
     "sent_at", "time_corrected", "depends_on", "uncertain", "acceptance", "answered_at",
 )  # fmt: skip
+_EXIT_FIELDS = ("exit_number", "exit_timestamp", "match", "clamped", "candidates", "hold_until")
+_ENTRY_FIELDS = ("vehicle_type", "car_type", "entrance_number", "entrance_name", "enter_timestamp")
 
 
 def event_view(row: dict[str, Any]) -> dict[str, Any]:
@@ -387,11 +422,21 @@ def event_view(row: dict[str, Any]) -> dict[str, Any]:
         if key in data:
             data[key] = iso(data[key])
     if data["state"] == "rejected":
-        for key in _ENTRY_ONLY:
+        for key in (*_ENTRY_ONLY, *_EXIT_FIELDS):
             data.pop(key, None)
         return data
     data.pop("reason", None)
     data.pop("detail", None)
+    data["hold_until"] = iso(data.get("hold_until"))
+    if data.get("kind") == "exit":
+        # An exit's plate_number is the plate as read at the exit; its request carries the session's.
+        for key in _ENTRY_FIELDS:
+            data.pop(key, None)
+        data["clamped"] = bool(data["clamped"])
+        data["candidates"] = json.loads(data["candidates"]) if data.get("candidates") else []
+    else:
+        for key in _EXIT_FIELDS:
+            data.pop(key, None)
     data["clock_synced"] = bool(data["clock_synced"])
     data["time_corrected"] = bool(data["time_corrected"])
     data["uncertain"] = bool(data["uncertain"])
@@ -400,3 +445,29 @@ def event_view(row: dict[str, Any]) -> dict[str, Any]:
         # but the serial_number it gave that attempt never reached us (SPEC §5).
         data["serial_number_note"] = "accepted by an earlier attempt; serial_number unknown"
     return data
+
+
+def session_view(row: dict[str, Any], box: str) -> dict[str, Any]:
+    """One `sessions` row as `sessions --json` shows it (SPEC §2); `box`: the serial_prefix of the box
+    that opened the session (this one: sessions learnt from other boxes come with issue 11)."""
+    from edgeagent.journal import session_state  # noqa: PLC0415 - the journal's row shape, read-only use
+
+    exit_state = row["exit_state"]
+    return {
+        "out_serial_number": row["out_serial_number"],
+        "state": session_state(row),
+        "plate_number": row["plate_number"] or row["exit_plate_read"],
+        "entrance_number": row["entrance_number"],
+        "enter_timestamp": row["enter_timestamp"],
+        "entry_state": row["entry_state"],
+        "exit_id": row["exit_id"],
+        "exit_number": row["exit_number"] or None,
+        "exit_timestamp": row["exit_timestamp"],
+        "exit_state": exit_state,
+        "exit_plate_read": row["exit_plate_read"],
+        "match": row["match"] if row["exit_id"] is not None else None,
+        "clamped": bool(row["clamped"]) if row["exit_id"] is not None else False,
+        "candidates": json.loads(row["candidates"]) if row.get("candidates") else [],
+        "box": box,
+        "received_at": iso(row["received_at"]),
+    }

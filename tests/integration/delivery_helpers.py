@@ -198,7 +198,7 @@ class Gate:
         return [r for r in rows if state is None or r["state"] == state]
 
     def entries(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows() if r["state"] != "rejected"]
+        return [r for r in self.rows() if r["kind"] == "entry"]
 
     def wait_entries(self, plates: list[str], timeout: float = 20) -> list[dict[str, Any]]:
         """Until every plate is journaled as an entry; returns their rows in plate order."""
