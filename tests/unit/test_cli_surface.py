@@ -19,7 +19,9 @@ from edgeagent.config import Config, load
 from tests.unit.test_config import config_text, key_files
 
 PACKAGE = Path(edgeagent.__file__).resolve().parent
-COMMANDS = ["run", "status", "check", "events", "retry", "simulate", "sandbox", "demo"]
+COMMANDS = [
+    "run", "status", "check", "events", "retry", "sessions", "attach", "dismiss", "close", "simulate", "sandbox", "demo",
+]  # fmt: skip
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

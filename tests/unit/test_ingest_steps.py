@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from edgeagent.config import Config
+from edgeagent.exits import ExitRules
 from edgeagent.ingest import IngestLoop
 from edgeagent.journal import BodyBuilder, Due, Journal, Record, RepeatRule
-from edgeagent.model import Entry, Inbound, Rejection
+from edgeagent.model import Entry, ExitRead, Inbound, Rejection
 from edgeagent.mqtt import Message
 from edgeagent.pipeline import Pipeline
 from edgeagent.requests import entry_body
@@ -56,16 +57,17 @@ class CommitLog(Journal):
 
     def record_batch(
         self,
-        items: Sequence[tuple[Entry | Rejection, Inbound]],
+        items: Sequence[tuple[Entry | ExitRead | Rejection, Inbound]],
         *,
         serial_prefix: str,
         build_body: BodyBuilder,
         repeat_rule: RepeatRule,
         now: float,
+        exits: ExitRules | None = None,
     ) -> list[Record]:
         self.log.events.append(f"begin {len(items)}")
         records = super().record_batch(
-            items, serial_prefix=serial_prefix, build_body=build_body, repeat_rule=repeat_rule, now=now
+            items, serial_prefix=serial_prefix, build_body=build_body, repeat_rule=repeat_rule, now=now, exits=exits
         )
         self.log.events.append("committed")
         return records
