@@ -20,7 +20,8 @@ from tests.unit.test_config import config_text, key_files
 
 PACKAGE = Path(edgeagent.__file__).resolve().parent
 COMMANDS = [
-    "run", "status", "check", "events", "retry", "sessions", "attach", "dismiss", "close", "simulate", "sandbox", "demo",
+    "run", "status", "check", "events", "retry", "sessions", "attach", "dismiss", "close",
+    "simulate", "sandbox", "demo",
 ]  # fmt: skip
 
 
