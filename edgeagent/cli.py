@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from edgeagent import __version__
 from edgeagent.config import Config, load, resolve_path
 from edgeagent.errors import ConfigError, EdgeAgentError, JournalError, KeyFileError
+from edgeagent.model import Direction
 
 EXIT_OK, EXIT_DEGRADED, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 64, 78
 SIMULATE_USER, SIMULATE_PASSWORD = "edgeagent-simulate", "simulate.password"
@@ -349,15 +350,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(f"edgeagent simulate: --color: {exc}", file=sys.stderr)
         return EXIT_USAGE
     record_id = f"sim-{int(time.time() * 1000)}"
-    topic, payload = simulate.render(
-        camera.format,
-        camera.topic,
-        plate=args.plate,
-        color=color,
-        lane=args.lane,
-        when=time.time(),
-        record_id=record_id,
-    )
+    direction = Direction(args.direction) if args.direction else None
+    try:
+        topic, payload = simulate.render(
+            camera.format,
+            camera.topic,
+            plate=args.plate,
+            color=color,
+            lane=args.lane,
+            when=time.time(),
+            record_id=record_id,
+            direction=direction,
+        )
+    except ValueError as exc:  # a direction (or colour) the camera's format cannot carry
+        print(f"edgeagent simulate: camera {camera.id!r}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     # Its own broker account where install.sh made one (issue 12): the agent's may no longer write
     # camera topics. simulate.password sits next to the config, root:root 0600 (run it with sudo).
     account = config.mqtt
@@ -452,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plate", required=True, metavar="P")
     p.add_argument("--color", metavar="C", help="blue, yellow, green, … or a PLATE_COLOR_* name")
     p.add_argument("--lane", metavar="N")
+    p.add_argument(
+        "--direction",
+        choices=[d.value for d in Direction],
+        help="the way the car passed, for a two-way lane (only generic and qianyi cameras report one)",
+    )
     p = add("sandbox", cmd_sandbox, "a local stand-in of the WeChat Pay parking API, over HTTPS")
     p.add_argument("--dir", default="./edgeagent-sandbox", metavar="DIR", help="keys, CA and config fragment")
     p.add_argument("--port", type=int, default=8443, metavar="N")

@@ -52,7 +52,8 @@ def test_command_options() -> None:
     assert events["--limit"].default == 50
     assert "--json" in events
     assert "--dead" in options("retry")
-    assert {"--camera", "--plate", "--color", "--lane"} <= set(options("simulate"))
+    assert {"--camera", "--plate", "--color", "--lane", "--direction"} <= set(options("simulate"))
+    assert options("simulate")["--direction"].choices == ["in", "out"]
     assert {"--dir", "--port"} <= set(options("sandbox"))
 
 
@@ -63,6 +64,9 @@ def test_parsed_arguments() -> None:
     assert (args.ids, args.dead) == ([3, 7], False)
     args = cli.build_parser().parse_args(["simulate", "--camera", "south-1", "--plate", "粤B12345", "--lane", "2"])
     assert (args.camera, args.plate, args.lane, args.color) == ("south-1", "粤B12345", "2", None)
+    assert args.direction is None
+    args = cli.build_parser().parse_args(["simulate", "--camera", "both-1", "--plate", "粤B1", "--direction", "out"])
+    assert args.direction == "out"
 
 
 def test_exit_codes() -> None:
@@ -80,9 +84,13 @@ def test_exit_codes() -> None:
         ["events", "--limit", "many"],
         ["retry", "abc"],
         ["simulate", "--camera", "south-1"],  # --plate is required
+        ["simulate", "--camera", "south-1", "--plate", "粤B12345", "--direction", "left"],
     ],
-    ids=["no-command", "unknown-command", "unknown-option", "bad-state", "bad-limit", "bad-id", "missing-plate"],
-)
+    ids=[
+        "no-command", "unknown-command", "unknown-option", "bad-state", "bad-limit", "bad-id", "missing-plate",
+        "bad-direction",
+    ],
+)  # fmt: skip
 def test_usage_errors_exit_64(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.build_parser().parse_args(argv)
@@ -93,6 +101,21 @@ def test_usage_errors_exit_64(argv: list[str], capsys: pytest.CaptureFixture[str
 def test_retry_without_ids_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["retry", "--config", "/nonexistent.toml"]) == 64
     assert "give request ids, --dead or --all" in capsys.readouterr().err
+
+
+def test_simulate_refuses_a_direction_the_cameras_format_cannot_carry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused before anything is published (no broker here): a two-way lane would reject the read.
+    key, pub = key_files(tmp_path / "keys")
+    vzenith = '[[cameras]]\nid = "exit-vz"\ntopic = "device/+/message/up/ivs_result"\nformat = "vzenith"\n'
+    exits = '[[exits]]\nnumber = "X01"\nname = "出口"\nsources = ["exit-vz"]\n'
+    path = tmp_path / "edgeagent.toml"
+    path.write_text(config_text(key, pub, cameras=vzenith, entrances=exits), encoding="utf-8")
+    argv = ["simulate", "--config", str(path), "--camera", "exit-vz", "--plate", "粤B12345", "--direction", "out"]
+    assert cli.main(argv) == 64
+    err = capsys.readouterr().err
+    assert "camera 'exit-vz': vzenith cannot report a direction (only generic, qianyi can)" in err
 
 
 def test_usage_error_from_the_real_command() -> None:

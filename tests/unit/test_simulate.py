@@ -7,13 +7,16 @@ Frigate no colour) comes back empty, and a colour a format has no code for is re
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from edgeagent import simulate
+from edgeagent.config import load
 from edgeagent.decoders import KNOWN_FORMATS, REPORTS_DIRECTION, decode
-from edgeagent.model import Direction, Ignored, PlateColor, PlateRead
-from edgeagent.routing import topic_matches
+from edgeagent.model import Direction, Ignored, PlateColor, PlateRead, Reason
+from edgeagent.routing import Router, topic_matches
+from tests.unit.test_config import config_text, key_files
 
 FILTERS = {
     "generic": "anpr/+/plate",
@@ -151,3 +154,58 @@ def test_parse_color(text: str, color: PlateColor) -> None:
 def test_parse_color_lists_the_accepted_names() -> None:
     with pytest.raises(ValueError, match="accepted: blue, yellow"):
         simulate.parse_color("pink")
+
+
+# -- exit cameras and two-way lanes (SPEC §10) --------------------------------------------------------
+
+LANES = """\
+[[cameras]]
+id = "exit-vz"
+topic = "device/+/message/up/ivs_result"
+format = "vzenith"
+
+[[cameras]]
+id = "both-qy"
+topic = "aiot/plate/+"
+format = "qianyi"
+
+[[entrances]]
+number = "A01"
+name = "入口"
+sources = ["both-qy"]
+
+[[exits]]
+number = "X01"
+name = "出口"
+sources = ["exit-vz", "both-qy"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("camera", "direction", "expected"),
+    [
+        ("exit-vz", None, "X01"),  # an exit camera: nothing special, the config is the lane's role
+        ("both-qy", Direction.IN, "A01"),  # a two-way lane goes by the read's direction
+        ("both-qy", Direction.OUT, "X01"),
+        ("both-qy", None, "no_direction"),
+    ],
+)
+def test_a_simulated_read_goes_where_the_config_sends_a_cameras_read(
+    tmp_path: Path, camera: str, direction: Direction | None, expected: str
+) -> None:
+    key, pub = key_files(tmp_path / "keys")
+    path = tmp_path / "edgeagent.toml"
+    path.write_text(config_text(key, pub, cameras=LANES, entrances=""), encoding="utf-8")
+    config = load(path)
+    router = Router.build(config)
+    cam = config.camera(camera)
+    assert cam is not None
+    topic, payload = simulate.render(
+        cam.format, cam.topic, plate="粤B12345", color=None, lane=None, when=WHEN, record_id="7", direction=direction
+    )
+    read = decode(cam.format, topic, payload)
+    assert isinstance(read, PlateRead)
+    found = router.camera_for(topic)
+    assert found is not None and found.id == camera
+    routed = router.route(found.id, read.lane, read.direction)
+    assert (routed.value if isinstance(routed, Reason) else routed.number) == expected
