@@ -254,9 +254,9 @@ def build(
         degraded.append(f"{q['dead']} dead-lettered entries (see: edgeagent events --state dead)")
     parked = sessions or NO_SESSIONS
     if parked["orphans"]:
-        degraded.append(
-            f"{parked['orphans']} exit reads match no session (edgeagent sessions --orphans; attach or dismiss)"
-        )
+        # Fits the 80-column text view; README says what to do (attach, dismiss or close).
+        n = parked["orphans"]
+        degraded.append(f"{n} exit read{'s' if n > 1 else ''} with no session: edgeagent sessions --orphans")
     state = "down" if down else "degraded" if degraded else "ok"
     camera_list: list[CameraView] = []
     for cam in config.cameras:
@@ -371,9 +371,17 @@ def render_text(status: StatusView, now: float | None = None) -> str:
     wechat = f"lot {lot['enabled_state'] or 'not checked yet'}"
     if lot["reason"]:
         wechat += f" ({lot['reason']})"
-    if lat["entry_p50_s"] is not None:
-        wechat += f", entry latency p50 {lat['entry_p50_s']:.1f}s p95 {lat['entry_p95_s']:.1f}s"
     lines.append(f"wechat   {wechat}"[:80])
+    latency = [
+        f"{kind} p50 {p50:.1f}s p95 {p95 or 0:.1f}s"
+        for kind, p50, p95 in (
+            ("entry", lat["entry_p50_s"], lat["entry_p95_s"]),
+            ("exit", lat["exit_p50_s"], lat["exit_p95_s"]),
+        )
+        if p50 is not None
+    ]
+    if latency:
+        lines.append(f"latency  {', '.join(latency)} (24h)"[:80])  # camera read → verified answer
     p = status["sessions"]
     lines.append(
         f"sessions {p['open']} open, {p['exits_pending']} exits waiting, {p['orphans']} orphans, "

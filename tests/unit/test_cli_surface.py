@@ -226,6 +226,20 @@ def test_status_states(config: Config, changes: dict[str, Any], state: str, prob
     assert problem in view["problems"][0]
 
 
+def test_status_screen_shows_orphans_and_both_latencies_within_80_columns(config: Config) -> None:
+    sessions: status.SessionsView = {
+        "open": 1, "oldest_open_age_s": 30.0, "exits_pending": 0, "orphans": 1, "fuzzy_24h": 1,
+    }  # fmt: skip
+    latency: status.LatencyView = {"entry_p50_s": 0.4, "entry_p95_s": 1.2, "exit_p50_s": 0.5, "exit_p95_s": 2.0}
+    view = status.build(config, heartbeat(), True, None, {}, None, NOW, None, latency, sessions)
+    assert view["state"] == "degraded"  # SPEC §10: while orphans are unhandled
+    lines = status.render_text(view).splitlines()
+    assert "  ! 1 exit read with no session: edgeagent sessions --orphans" in lines
+    assert "latency  entry p50 0.4s p95 1.2s, exit p50 0.5s p95 2.0s (24h)" in lines
+    assert "sessions 1 open, 0 exits waiting, 1 orphans, 1 fuzzy 24h" in lines
+    assert all(len(line) <= 80 for line in lines)
+
+
 # -- import rule -----------------------------------------------------------------------------------------
 
 BANNED = {"paho", "httpx", "sqlite3"}
