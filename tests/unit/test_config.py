@@ -681,10 +681,7 @@ def test_the_deploy_example_parses(tmp_path: Path) -> None:
     config = parse(example.read_text("utf-8"), example, check_files=False)
     assert config.sessions == config_module.SessionsConfig()
     assert config.lot == config_module.LotConfig()
-    # The commented-out [[exits]] block is valid as written once uncommented (with a camera to feed it).
-    text = example.read_text("utf-8")
-    block = text[text.index("# [[exits]]") : text.index("[sessions]")]
-    uncommented = "\n".join(line.removeprefix("# ") for line in block.splitlines())
-    camera = '[[cameras]]\nid = "south-2"\ntopic = "anpr/south-2/plate"\n'
-    config = parse(text.replace(block, camera + uncommented + "\n"), example, check_files=False)
-    assert [(e.number, e.sources) for e in config.exits] == [("X01", ("south-2",))]
+    # The example lot the README draws: two entrances, one exit, the north lane two-way.
+    assert [(e.number, e.sources) for e in config.entrances] == [("A01", ("south-1",)), ("A02", ("north-1",))]
+    assert [(e.number, e.sources) for e in config.exits] == [("X01", ("south-2", "north-1"))]
+    assert config.cameras[0].id == "south-1"  # the camera tests/system simulates on the installed box
