@@ -18,7 +18,8 @@ usage: deploy/install.sh [--root DIR] [--source PATH] [--camera-lan ADDRESS] [--
   --uninstall          remove the program, the unit and the broker drop-in; keeps
                        /etc/edgeagent and the journal in /var/lib/edgeagent
   --purge              with --uninstall: also remove /etc/edgeagent, /var/lib/edgeagent, the
-                       broker's edgeagent password and ACL files, and the edgeagent account
+                       broker's edgeagent password and ACL files, the edgeagent account
+                       and the edgeagent-read group
   --force              with --purge: even when the journal still holds undelivered entries
 EOF
 }
@@ -65,6 +66,9 @@ CONFIG=$ETC/edgeagent.toml
 MQTT_PASSWORD=$ETC/mqtt.password
 SIMULATE_PASSWORD=$ETC/simulate.password
 STATE=/var/lib/edgeagent
+# Who may run `edgeagent status` / `events` (issue 12): they read the config, the journal and the
+# heartbeat, nothing else. Add operators to this group, not to the service's own group `edgeagent`.
+READERS=edgeagent-read
 UNIT=/etc/systemd/system/edgeagent.service
 WANTS=/etc/systemd/system/multi-user.target.wants/edgeagent.service
 BROKER_DROPIN=/etc/systemd/system/mosquitto.service.d/edgeagent.conf
@@ -108,10 +112,20 @@ staging_account() {  # NAME HOME DESCRIPTION
     fi
 }
 
+# staging_readers: the readers' group in a staging tree, with the service's user as its member.
+staging_readers() {
+    local id
+    if ! grep -q "^$READERS:" "$(r /etc/group)"; then
+        id="$(staging_free_id)"
+        echo "$READERS:x:$id:edgeagent" >> "$(r /etc/group)"
+    fi
+}
+
 ensure_accounts() {
     if [ -n "$ROOT" ]; then
         mkdir -p "$(r /etc)"
         staging_account edgeagent "$STATE" "edgeagent parking-gate agent"
+        staging_readers
         # The mosquitto package creates this account on a real box.
         staging_account mosquitto /var/lib/mosquitto "mosquitto package (staging stand-in)"
         return
@@ -124,6 +138,15 @@ ensure_accounts() {
             --shell /usr/sbin/nologin --comment "edgeagent parking-gate agent" edgeagent
         say "created the system user edgeagent"
     fi
+    if ! getent group "$READERS" >/dev/null; then
+        groupadd --system "$READERS"
+        say "created the group $READERS: add operators who run edgeagent status/events to it (usermod -aG $READERS pi)"
+    fi
+    # The unit runs the service with it (Group=); a member, so that an agent started by hand
+    # (sudo -u edgeagent edgeagent run) reads its config too.
+    if ! id -nG edgeagent | tr ' ' '\n' | grep -qx "$READERS"; then
+        usermod -aG "$READERS" edgeagent
+    fi
 }
 
 uid_of() {
@@ -135,12 +158,13 @@ gid_of() {
     if [ -n "$ROOT" ]; then awk -F: -v n="$1" '$1 == n { print $3 }' "$(r /etc/group)"; else getent group "$1" | cut -d: -f3; fi
 }
 
-# set_owner PATH USER GROUP MODE (numeric ids, so a staging tree gets its own accounts' ids)
+# set_owner PATH USER GROUP MODE (numeric ids, so a staging tree gets its own accounts' ids). chown
+# first: it may clear set-id bits that the mode asks for.
 set_owner() {
-    chmod "$4" "$1"
     if [ "$(id -u)" = 0 ]; then
         chown -h "$(uid_of "$2"):$(gid_of "$3")" "$1"
     fi
+    chmod "$4" "$1"
 }
 
 # -- files ------------------------------------------------------------------------------------------
@@ -186,6 +210,18 @@ directory() {  # PATH USER GROUP MODE
 }
 
 # -- install ----------------------------------------------------------------------------------------
+
+# /var/lib/edgeagent: edgeagent:edgeagent-read 2750, as the unit's StateDirectoryMode= and Group= make
+# it at every start (systemd chowns a StateDirectory to User:Group, recursively when the directory's
+# group differs, so the group has to be the unit's Group=). Set-group-id: files made by anyone else
+# (root's `edgeagent retry`, an agent started by hand) get the readers' group too. A journal from
+# before issue 12 is edgeagent:edgeagent: handed to the readers' group once.
+state_dir_for_readers() {
+    directory "$STATE" edgeagent "$READERS" 2750
+    if [ "$(id -u)" = 0 ]; then
+        chown -R --from=":$(gid_of edgeagent)" ":$(gid_of "$READERS")" "$(r "$STATE")"
+    fi
+}
 
 ensure_packages() {
     local missing=()
@@ -368,10 +404,12 @@ install_broker_files() {
 install_files() {
     directory "$OPT" root root 0755
     directory "$OPT/share" root root 0755
-    directory "$ETC" root edgeagent 0750
-    directory "$STATE" edgeagent edgeagent 0750
+    # The readers' group (issue 12) reaches the config and the journal; the secrets in $ETC are
+    # root:root 0600 (LoadCredential=), and files only the service may read are root:edgeagent 0640.
+    directory "$ETC" root "$READERS" 0750
+    state_dir_for_readers
     if [ ! -f "$(r "$CONFIG")" ]; then
-        first_config | put "$CONFIG" root edgeagent 0640
+        first_config | put "$CONFIG" root "$READERS" 0640
         say "wrote $CONFIG from the example: fill in [wechatpay], [parking] and the cameras"
     fi
     # Upgrade from before issue 12: the agent read mqtt.password directly (root:edgeagent 0640); now
@@ -380,7 +418,7 @@ install_files() {
         sed -i "s|^password_file = \"$MQTT_PASSWORD\"|password_file = \"\$CREDENTIALS_DIRECTORY/mqtt.password\"|" "$(r "$CONFIG")"
         say "$CONFIG: password_file now reads the broker password through LoadCredential="
     fi
-    set_owner "$(r "$CONFIG")" root edgeagent 0640
+    set_owner "$(r "$CONFIG")" root "$READERS" 0640
     if [ -f "$(r "$ETC/apiclient_key.pem")" ]; then
         set_owner "$(r "$ETC/apiclient_key.pem")" root root 0600
     fi
@@ -517,7 +555,7 @@ do_uninstall() {
         rm -rf "$(r "$ETC")" "$(r "$STATE")"
         rm -f "$(r "$BROKER_PASSWD")" "$(r "$BROKER_ACL")"
         if [ -n "$ROOT" ]; then
-            sed -i '/^edgeagent:/d' "$(r /etc/passwd)" "$(r /etc/group)" 2>/dev/null || true
+            sed -i -e '/^edgeagent:/d' -e "/^$READERS:/d" "$(r /etc/passwd)" "$(r /etc/group)" 2>/dev/null || true
         else
             # userdel refuses while a process runs as edgeagent (an agent started by hand).
             if getent passwd edgeagent >/dev/null && ! userdel edgeagent; then
@@ -525,6 +563,9 @@ do_uninstall() {
             fi
             if getent group edgeagent >/dev/null && ! getent passwd edgeagent >/dev/null; then
                 groupdel edgeagent || true
+            fi
+            if getent group "$READERS" >/dev/null; then
+                groupdel "$READERS" || true
             fi
         fi
         say "removed edgeagent, its configuration, journal, broker credentials and account"

@@ -87,6 +87,7 @@ class MqttLink:
         self.last_message_at: float | None = None
         self.last_error: str | None = None
         self.callback_errors = 0
+        self.retained_dropped = 0
         self._dropped_at: float | None = None  # monotonic time the broker dropped a live connection
         self._takeovers: collections.deque[float] = collections.deque(maxlen=64)
         self.takeovers = 0
@@ -259,6 +260,9 @@ class MqttLink:
         try:
             now = time.time()
             self.last_message_at = now
+            if msg.retain:
+                self._drop_retained(client, msg)
+                return
             self._inbox.put_nowait(
                 Message(
                     msg.topic,
@@ -276,6 +280,33 @@ class MqttLink:
             # Not acked, so the broker keeps it and redelivers after a reconnect.
             self.callback_errors += 1
             log.exception("mqtt_callback_error callback=on_message")
+
+    def _drop_retained(self, client: paho.Client, msg: paho.MQTTMessage) -> None:
+        """Acknowledge a retained camera read without journaling it, with one log line (issue 12).
+
+        Under MQTT 3.1.1 the broker sets the retain flag only on what it sends because a subscription
+        was made (§3.3.1.3): a read that reaches us live, or from our session's queue while we were
+        away, comes with the flag off and is journaled as usual. A flagged copy is the broker
+        replaying the last retained read of a camera topic at our SUBSCRIBE, which we send on every
+        connect: a re-send of a read already taken, arriving again at every restart, hours or weeks
+        after the car passed. Its unique key absorbs it only while the first copy's row is in the
+        journal; once that row is pruned it would become a second entry with a new out_serial_number.
+        Dropped rather than kept as a rejected row: the replay carries nothing a technician can act on
+        in `events` (the original is the entry) and would add a row per restart; what needs fixing is
+        the camera's retain setting, and this line names its topic. The one read this can cost is a
+        retained one published while the broker held no session for us (before the first start, or
+        after the broker lost its state), when every unretained read is lost too. Acked at once:
+        nothing is committed for it, and Mosquitto matches a PUBACK by packet id, whatever the order.
+        """
+        self.retained_dropped += 1
+        log.warning(
+            "mqtt_retained_dropped topic=%r bytes=%d (a replay of the camera's last read: switch retain off "
+            "in the camera's MQTT settings)",
+            msg.topic,
+            len(msg.payload),
+        )
+        if msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
 
 
 def apply_credentials(client: paho.Client, config: MqttConfig) -> None:

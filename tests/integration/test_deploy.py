@@ -19,6 +19,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -108,7 +109,12 @@ def test_unit_is_the_service_spec_9_describes() -> None:
     assert int(s["WatchdogSec"][0]) > 0
     assert s["Restart"] == ["always"]
     assert 0 < int(s["RestartSec"][0]) <= 30
-    assert s["User"] == s["Group"] == ["edgeagent"]
+    assert s["User"] == ["edgeagent"]
+    # Issue 12: the journal belongs to the readers' group (systemd chowns the StateDirectory to
+    # User:Group), the service keeps its own group for files only it may read.
+    assert s["Group"] == ["edgeagent-read"]
+    assert s["SupplementaryGroups"] == ["edgeagent"]
+    assert s["StateDirectoryMode"] == ["2750"] and s["UMask"] == ["0027"]
     assert s["StateDirectory"] == s["ConfigurationDirectory"] == ["edgeagent"]
     assert {"network-online.target", "mosquitto.service"} <= set(" ".join(s["After"]).split())
     # Issue 12: proven not to break the agent by tests/integration/test_unit_sandbox.py.
@@ -222,12 +228,14 @@ def test_staged_tree_has_the_files_owners_and_modes(staged: Staged) -> None:
     users, groups = account_ids(root)
     passwd = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").read_text().splitlines()}
     assert passwd["edgeagent"][5:] == ["/var/lib/edgeagent", "/usr/sbin/nologin"]
+    members = {line.split(":")[0]: line.split(":")[3] for line in (root / "etc/group").read_text().splitlines()}
+    assert members["edgeagent-read"] == "edgeagent"  # readers' group: the service, and the operators you add
     expected = {
-        "etc/edgeagent": (0o750, "root", "edgeagent"),
-        "etc/edgeagent/edgeagent.toml": (0o640, "root", "edgeagent"),
+        "etc/edgeagent": (0o750, "root", "edgeagent-read"),  # status/events readers (issue 12)
+        "etc/edgeagent/edgeagent.toml": (0o640, "root", "edgeagent-read"),
         "etc/edgeagent/mqtt.password": (0o600, "root", "root"),  # LoadCredential= (issue 12)
         "etc/edgeagent/simulate.password": (0o600, "root", "root"),
-        "var/lib/edgeagent": (0o750, "edgeagent", "edgeagent"),
+        "var/lib/edgeagent": (0o2750, "edgeagent", "edgeagent-read"),  # as the unit's Group=/StateDirectoryMode=
         "etc/systemd/system/edgeagent.service": (0o644, "root", "root"),
         "etc/systemd/system/mosquitto.service.d/edgeagent.conf": (0o644, "root", "root"),
         "etc/mosquitto/conf.d/edgeagent.conf": (0o644, "root", "root"),
@@ -523,6 +531,195 @@ def test_uninstall_keeps_an_undelivered_journal_unless_forced(
     for gone in ("var/lib/edgeagent", "etc/edgeagent", "etc/mosquitto/edgeagent.passwd", "etc/mosquitto/edgeagent.acl"):
         assert not (root / gone).exists(), gone
     assert "edgeagent" not in account_ids(root)[0]
+    assert "edgeagent-read" not in account_ids(root)[1]
+
+
+# -- the readers' group (issue 12) --------------------------------------------------------------------
+
+READER_SNIPPET = """
+import json, sys
+result = {}
+for path in sys.argv[1:]:
+    try:
+        open(path, "rb").read(1)
+        result[path] = "read"
+    except OSError as exc:
+        result[path] = type(exc).__name__
+print(json.dumps(result))
+"""
+
+
+def as_user(
+    args: list[str], uid: int, gid: int, groups: list[int], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ARGS as uid:gid with exactly these supplementary groups (setgroups), as a login would."""
+    return subprocess.run(
+        args,
+        user=uid,
+        group=gid,
+        extra_groups=groups,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "HOME": "/", "LANG": "C.UTF-8", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def systemd_state_directory(path: Path, uid: int, gid: int, mode: int) -> None:
+    """What systemd does to a StateDirectory= before each start (setup_exec_directory() in v252):
+    chmod to StateDirectoryMode=, then chown the tree to User:Group, recursively unless the directory
+    is already theirs. A group of our own that the unit's Group= does not name is undone here."""
+    path.chmod(mode)
+    st = path.stat()
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        for item in [path, *path.rglob("*")]:
+            os.chown(item, uid, gid, follow_symlinks=False)
+
+
+@pytest.fixture
+def public_copy(staged: Staged) -> Iterator[Path]:
+    """The staged tree with owners and modes kept (cp -a), somewhere other users can reach: pytest's
+    temporary directories are root's only."""
+    need(IS_ROOT, "needs root: the staged tree's owners and other users' access are what is under test")
+    top = Path(tempfile.mkdtemp(prefix="edgeagent-readers-"))
+    subprocess.run(["cp", "-a", f"{staged.root}/.", str(top)], check=True)
+    top.chmod(0o755)  # after the copy: cp -a gives it the staging root's mode
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top)
+
+
+@pytest.mark.slow
+def test_an_operator_in_edgeagent_read_runs_status_and_events_but_reads_no_secret(
+    public_copy: Path, tmp_path: Path, keys: Keys, lanes: Callable[..., LaneBroker], clients: Callable[..., Client]
+) -> None:
+    """The service runs as the unit says (User=edgeagent, Group=edgeagent-read, SupplementaryGroups=
+    edgeagent, UMask=0027, its secrets in $CREDENTIALS_DIRECTORY) on the staged files; an operator whose
+    only group is edgeagent-read runs `status` and `events` and can open no secret; anyone else gets
+    nothing. Before: the journal and config were the service's group's, which operators had to join."""
+    root = public_copy
+    users, groups = account_ids(root)
+    unit = unit_settings()
+    service_uid, service_gid = users[unit["User"][0]], groups[unit["Group"][0]]
+    service_groups = [groups[name] for line in unit.get("SupplementaryGroups", []) for name in line.split()]
+    readers = groups["edgeagent-read"]  # docs/deploy.md: operators join this group
+    # Two throwaway ids that are nobody on this machine or in the staged tree.
+    taken = {
+        int(line.split(":")[2])
+        for path in ("/etc/passwd", "/etc/group")
+        for line in Path(path).read_text().splitlines()
+    }
+    taken |= {*users.values(), *groups.values()}
+    operator, other = [uid for uid in range(64100, 64200) if uid not in taken][:2]
+    etc, state = root / "etc/edgeagent", root / "var/lib/edgeagent"
+    python = str(root / "opt/edgeagent/venv/bin/python")
+
+    # What the admin adds (docs/deploy.md): the merchant key root:root 0600, a public key the service
+    # reads through its own group; what systemd's LoadCredential= hands the service, readable by it only.
+    shutil.copy(keys.merchant_key, etc / "apiclient_key.pem")
+    os.chown(etc / "apiclient_key.pem", 0, 0)
+    (etc / "apiclient_key.pem").chmod(0o600)
+    shutil.copy(keys.platform_pub, etc / "wechatpay_pub.pem")
+    os.chown(etc / "wechatpay_pub.pem", 0, groups["edgeagent"])
+    (etc / "wechatpay_pub.pem").chmod(0o640)
+    credentials = root / "run/credentials/edgeagent.service"
+    credentials.mkdir(parents=True)
+    for name in ("apiclient_key.pem", "mqtt.password"):
+        shutil.copy(etc / name, credentials / name)
+        os.chown(credentials / name, service_uid, service_gid)
+        (credentials / name).chmod(0o400)
+    os.chown(credentials, service_uid, service_gid)
+    credentials.chmod(0o500)
+
+    south = add_camera(root, "south-1", "anpr/south-1/plate")
+    lane = lanes(root, tmp_path / "lane")
+    lane.start()
+    config = etc / "edgeagent.toml"
+    installed = config.read_text()
+    write_config(  # over the installed file: its owner and mode stay the installer's
+        config,
+        keys=keys,
+        state_dir=state,
+        mqtt_port=lane.port,
+        client_id="edgeagent-gate1",
+        mqtt='username = "edgeagent"\npassword_file = "$CREDENTIALS_DIRECTORY/mqtt.password"\n',
+    )
+    text = config.read_text().replace(str(keys.merchant_key), "$CREDENTIALS_DIRECTORY/apiclient_key.pem")
+    config.write_text(text.replace(str(keys.platform_pub), str(etc / "wechatpay_pub.pem")))
+    assert 'password_file = "$CREDENTIALS_DIRECTORY/mqtt.password"' in installed
+    st = config.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, readers, 0o640)
+
+    systemd_state_directory(state, service_uid, service_gid, int(unit["StateDirectoryMode"][0], 8))
+    log = (tmp_path / "agent.log").open("wb")
+    service = subprocess.Popen(
+        [python, "-m", "edgeagent", "run", "--config", str(config)],
+        user=service_uid,
+        group=service_gid,
+        extra_groups=service_groups,
+        umask=int(unit["UMask"][0], 8),
+        cwd="/",
+        env={
+            "PATH": "/usr/bin:/bin",
+            "CREDENTIALS_DIRECTORY": str(credentials),
+            "INVOCATION_ID": "0" * 32,  # "under systemd": the unit's UMask=, not the hand-started 077
+            "EDGEAGENT_CLOCK_SYNCED": "1",
+        },
+        stdout=log,
+        stderr=log,
+    )
+    try:
+        camera = clients(lane.port, "south-1", south, host=CAMERA_LAN)
+
+        def operator_sees(command: str) -> subprocess.CompletedProcess[str]:
+            return as_user(
+                [python, "-m", "edgeagent", command, "--json", "--config", str(config)], operator, readers, []
+            )
+
+        def journaled() -> list[dict[str, Any]]:
+            result = operator_sees("events")
+            return [r for r in json.loads(result.stdout or "[]") if r.get("plate_number") == "粤B12345"]
+
+        def connected() -> bool:
+            view = json.loads(operator_sees("status").stdout or "{}")
+            return bool((view.get("daemon") or {}).get("running") and (view.get("mqtt") or {}).get("connected"))
+
+        eventually(connected, timeout=30, what="the operator's status showing the service connected")
+        read = {"plate": "粤B12345", "color": "blue", "time": int(time.time()), "event_id": "r1"}
+        camera.publish("anpr/south-1/plate", json.dumps(read, ensure_ascii=False).encode())
+        eventually(journaled, timeout=30, what="the read in the operator's `edgeagent events`")
+        status = operator_sees("status")
+        assert status.returncode in (0, 1), status.stderr  # ok or degraded (nothing delivers here)
+        view = json.loads(status.stdout)
+        assert view["daemon"]["pid"] == service.pid and view["queue"]["pending"] == 1
+
+        # The daemon's files: the readers' group may read them, nobody but the service may write them.
+        for path in [state, *state.iterdir()]:
+            st = path.stat()
+            assert (st.st_uid, st.st_gid) == (service_uid, readers), path.name
+            assert stat.S_IMODE(st.st_mode) & 0o027 == 0, f"{path.name}: {stat.S_IMODE(st.st_mode):o}"
+
+        # No secret, and nothing the service keeps to its own group.
+        secrets = [etc / name for name in ("mqtt.password", "simulate.password", "apiclient_key.pem")]
+        private = [*secrets, etc / "wechatpay_pub.pem", credentials / "apiclient_key.pem"]
+        tried = as_user([python, "-c", READER_SNIPPET, *map(str, private)], operator, readers, [])
+        assert json.loads(tried.stdout) == {str(p): "PermissionError" for p in private}, tried.stderr
+        # The service itself reads what it needs and no more than root gives it.
+        tried = as_user([python, "-c", READER_SNIPPET, *map(str, secrets)], service_uid, service_gid, service_groups)
+        assert set(json.loads(tried.stdout).values()) == {"PermissionError"}, tried.stderr
+
+        # Anyone not in edgeagent-read: neither the config nor the journal.
+        for command in ("status", "events"):
+            refused = as_user([python, "-m", "edgeagent", command, "--config", str(config)], other, other, [])
+            assert refused.returncode != 0 and "Permission denied" in refused.stdout + refused.stderr, command
+        tried = as_user([python, "-c", READER_SNIPPET, str(state / "journal.sqlite3")], other, other, [])
+        assert json.loads(tried.stdout) == {str(state / "journal.sqlite3"): "PermissionError"}
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+        log.close()
 
 
 # -- fleet status over the bridge -------------------------------------------------------------------
@@ -707,31 +904,38 @@ def test_real_install_upgrade_and_uninstall_in_a_throwaway_overlay(tmp_path: Pat
         "getent passwd edgeagent; stat -c '%n %U:%G %a' /etc/edgeagent /etc/edgeagent/edgeagent.toml"
         " /etc/edgeagent/mqtt.password /var/lib/edgeagent /etc/mosquitto/edgeagent.passwd"
         " /etc/mosquitto/edgeagent.acl; readlink /etc/systemd/system/multi-user.target.wants/edgeagent.service;"
-        " edgeagent --version"
+        " edgeagent --version; id -nG edgeagent"
     )
     lines = facts.stdout.splitlines()
     assert lines[0].startswith("edgeagent:x:") and lines[0].endswith(":/var/lib/edgeagent:/usr/sbin/nologin")
     assert lines[1:7] == [
-        "/etc/edgeagent root:edgeagent 750",
-        "/etc/edgeagent/edgeagent.toml root:edgeagent 640",
+        "/etc/edgeagent root:edgeagent-read 750",  # the readers' group (issue 12)
+        "/etc/edgeagent/edgeagent.toml root:edgeagent-read 640",
         "/etc/edgeagent/mqtt.password root:root 600",
-        "/var/lib/edgeagent edgeagent:edgeagent 750",
+        "/var/lib/edgeagent edgeagent:edgeagent-read 2750",
         "/etc/mosquitto/edgeagent.passwd root:mosquitto 640",
         "/etc/mosquitto/edgeagent.acl root:mosquitto 640",
     ]
     # Not enabled (no readlink line): the merchant key is not there yet, so the unit could not start.
     assert "NOT enabled: the unit needs /etc/edgeagent/apiclient_key.pem" in first.stdout
-    assert lines[7:] == [f"edgeagent {__version__}"]
+    assert lines[7:8] == [f"edgeagent {__version__}"]
+    assert sorted(lines[8].split()) == ["edgeagent", "edgeagent-read"]
+    assert "usermod -aG edgeagent-read" in first.stdout
 
     # An upgrade keeps an edited config as it is, and an edited broker drop-in with the new one beside it.
     edit = box("echo '# mine' >> /etc/edgeagent/edgeagent.toml; echo '# mine' >> /etc/mosquitto/conf.d/edgeagent.conf")
     assert edit.returncode == 0, edit.stderr
+    # A journal from before issue 12 is the service group's; the upgrade hands it to the readers.
+    old = box("install -o edgeagent -g edgeagent -m 0640 /dev/null /var/lib/edgeagent/daemon.json")
+    assert old.returncode == 0, old.stderr
     second = box(f"bash {INSTALL}")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "kept your edited /etc/mosquitto/conf.d/edgeagent.conf" in second.stdout
     after = box("tail -n1 /etc/edgeagent/edgeagent.toml /etc/mosquitto/conf.d/edgeagent.conf;"
+                " stat -c '%U:%G %a' /var/lib/edgeagent/daemon.json;"
                 " grep -c '^listener 1883 192.0.2.10$' /etc/mosquitto/conf.d/edgeagent.conf.dist")  # fmt: skip
     assert after.stdout.count("# mine") == 2
+    assert "edgeagent:edgeagent-read 640" in after.stdout.splitlines()
     assert after.stdout.splitlines()[-1] == "1"  # the camera-LAN address carried into the new version
 
     removed = box(f"bash {UNINSTALL}; ls -d /etc/edgeagent /var/lib/edgeagent /opt/edgeagent; getent passwd edgeagent")
@@ -740,7 +944,10 @@ def test_real_install_upgrade_and_uninstall_in_a_throwaway_overlay(tmp_path: Pat
     assert "No such file or directory" in removed.stderr  # /opt/edgeagent
     assert "edgeagent:x:" in removed.stdout  # the account stays with the files it owns
 
-    purged = box(f"bash {UNINSTALL} --purge; getent passwd edgeagent || echo no-user; ls -d /etc/edgeagent || true")
-    assert purged.stdout.splitlines()[-1] == "no-user", purged.stdout + purged.stderr
+    purged = box(
+        f"bash {UNINSTALL} --purge; getent group edgeagent-read || echo no-group;"
+        " getent passwd edgeagent || echo no-user; ls -d /etc/edgeagent || true"
+    )
+    assert purged.stdout.splitlines()[-2:] == ["no-group", "no-user"], purged.stdout + purged.stderr
     assert "cannot access '/etc/edgeagent'" in purged.stderr
     assert {p: Path(p).exists() for p in HOST_PATHS} == host_before

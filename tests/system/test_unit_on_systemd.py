@@ -276,7 +276,8 @@ def test_watchdog_restarts_a_frozen_agent_and_a_read_sent_meanwhile_arrives(box:
 
 
 def test_status_for_the_operators_group_and_refused_for_others(box: Box) -> None:
-    box.run("id lanetech >/dev/null 2>&1 || useradd -m -G edgeagent lanetech")
+    # Operators join the readers' group (issue 12), not the service's group `edgeagent`.
+    box.run("id lanetech >/dev/null 2>&1 || useradd -m -G edgeagent-read lanetech")
     box.run("id visitor >/dev/null 2>&1 || useradd -m visitor")
     status = status_json(box, "lanetech")
     assert status["state"] == "ok", status["problems"]
@@ -287,6 +288,15 @@ def test_status_for_the_operators_group_and_refused_for_others(box: Box) -> None
     refused = box.run("runuser -u visitor -- edgeagent status", check=False)
     assert refused.returncode != 0
     assert "ermission" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+    # The journal systemd keeps for the readers' group (Group=, StateDirectoryMode=, UMask=), and no secret.
+    owners = box.out("stat -c '%n %U:%G %a' /var/lib/edgeagent /var/lib/edgeagent/journal.sqlite3").splitlines()
+    assert owners == [
+        "/var/lib/edgeagent edgeagent:edgeagent-read 2750",
+        "/var/lib/edgeagent/journal.sqlite3 edgeagent:edgeagent-read 640",
+    ], owners
+    for secret in ("mqtt.password", "simulate.password", "apiclient_key.pem"):
+        peek = box.run(f"runuser -u lanetech -- head -c1 /etc/edgeagent/{secret}", check=False)
+        assert peek.returncode != 0 and "ermission" in peek.stderr, secret
 
 
 # -- 5. an upgrade over a running install with undelivered entries, and the way out ----------------
