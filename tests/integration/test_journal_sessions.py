@@ -134,7 +134,8 @@ def test_a_held_exit_is_matched_once_its_entry_is_journaled(lot: Lot) -> None:
     opened = lot.enter("粤D12121", when=lot.now - 5)  # the entry arrives late, timed before the exit
     assert lot.rematch() == ([held.id], [])
     row = lot.row(held.id)
-    assert (row["state"], row["out_serial_number"], row["depends_on"]) == ("pending", opened.out_serial_number, opened.id)
+    assert (row["state"], row["depends_on"]) == ("pending", opened.id)
+    assert row["out_serial_number"] == opened.out_serial_number
     assert (row["match"], row["plate_number"], row["candidates"]) == ("exact", "粤D12121", None)
     exit_body = lot.journal.body_of(held.id)
     assert exit_body is not None
