@@ -1020,11 +1020,15 @@ class Journal:
         return expired
 
     def prune(self, now: float) -> int:
-        """Delete sent and rejected rows older than 30 days, and the oldest rejected rows over the cap."""
+        """Delete sent and rejected rows older than 30 days, and the oldest rejected rows over the cap.
+
+        A sent row that an unsent request still depends on (an exit's entry, a re-entry's inferred exit)
+        stays: `due()` sends a request only while its prerequisite row is there and `sent`."""
 
         def apply() -> int:
             cur = self._db.execute(
-                "DELETE FROM events WHERE state IN ('sent', 'rejected') AND updated_at < ?",
+                "DELETE FROM events WHERE state IN ('sent', 'rejected') AND updated_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM events AS d WHERE d.depends_on = events.id AND d.state != 'sent')",
                 (now - RETENTION_S,),
             )
             removed = cur.rowcount
