@@ -233,11 +233,18 @@ class DeliveryLoop:
     def _dispatch(self) -> float:
         mono = self.clock.monotonic()
         self._housekeeping(mono)
-        hold = self.throttle.wait(mono)
-        if hold > 0:
-            # They stay pending in the journal; due() finds them again after the hold.
+        if self.throttle.paused(mono) or self.throttle.told(mono):
+            # A pause (a key, clock, auth or config problem) stops even the round in progress: every
+            # request would meet the same refusal. So does a Retry-After: the API asked us to wait.
+            # They stay pending; due() finds them again afterwards.
             self._fresh.clear()
             self._ready.clear()
+            return min(1.0, self.throttle.wait(mono))
+        hold = self.throttle.wait(mono)
+        if hold > 0 and not self._ready:
+            # Our own hold after repeated failures delays the next round; the round already taken goes
+            # out at its rate slots, as it would have had its answers come back a little later.
+            self._fresh.clear()
             return min(1.0, hold)
         free = self.config.wechatpay.max_in_flight - len(self._in_flight)
         if free <= 0:

@@ -592,10 +592,14 @@ class Journal:
 
     def _recent_exit(self, read: ExitRead, window_s: float) -> int | None:
         """An exit read of the same plate at the same exit within the window (SPEC §10: one exit)."""
+        # The same car as read before, or as its session knows it: a car that left by a fuzzy match
+        # (8 read for B) and is then read right at the same barrier is still the one car.
         row = self._db.execute(
-            "SELECT id FROM events WHERE kind = 'exit' AND plate_number = ? AND exit_number = ? "
-            "AND exit_timestamp BETWEEN ? AND ? ORDER BY id DESC LIMIT 1",
-            (read.plate_number, read.exit_number, read.read_at - window_s, read.read_at + window_s),
+            "SELECT id FROM events AS x WHERE kind = 'exit' AND exit_number = ? AND exit_timestamp BETWEEN ? AND ? "
+            "AND (plate_number = ? OR out_serial_number IN "
+            "(SELECT out_serial_number FROM events WHERE kind = 'entry' AND plate_number = ?)) "
+            "ORDER BY id DESC LIMIT 1",
+            (read.exit_number, read.read_at - window_s, read.read_at + window_s, read.plate_number, read.plate_number),
         ).fetchone()
         return None if row is None else int(row[0])
 
@@ -607,7 +611,10 @@ class Journal:
             )
             return self._reject(rejection, inbound, now, Recorded.REPEAT)
         found = exits.match(read.plate_number, read.read_at, self.open_sessions(exits.lookup_plates(read.plate_number)))
-        if found.session is not None:
+        # Only an exact match is taken at once. A fuzzy one waits out exit_hold_s like an unmatched read:
+        # the car's own entry may still be on its way (camera clocks, MQTT order), and closing a parked
+        # neighbour one confusable character away would send an exit for a car that has not left.
+        if found.session is not None and found.kind is sessions.MatchKind.EXACT:
             when = sessions.exit_timestamp(read.read_at, found.session.enter_timestamp)
             exit_id = self._insert_exit(
                 found.session,
@@ -624,7 +631,8 @@ class Journal:
                 now=now,
             )
             return Record(Recorded.EXIT, exit_id, found.session.out_serial_number, depends_on=found.session.id)
-        candidates = json.dumps([c.out_serial_number for c in found.candidates]) if found.candidates else None
+        waiting = found.candidates or ((found.session,) if found.session is not None else ())
+        candidates = json.dumps([c.out_serial_number for c in waiting]) if waiting else None
         cur = self._db.execute(
             "INSERT INTO events (kind, state, dedup_key, camera, lane, topic, received_at, updated_at, plate_number, "
             "plate_color, exit_number, exit_timestamp, match, candidates, hold_until, time_source, clock_synced, "
@@ -668,14 +676,19 @@ class Journal:
             ).fetchall()
             for row_id, plate, read_at, state, hold_until in rows:
                 found = exits.match(plate, read_at, self.open_sessions(exits.lookup_plates(plate)))
-                if found.session is not None:
+                expired = hold_until is not None and hold_until <= system_now
+                # Exact at once; fuzzy only once the hold is over (see _record_exit).
+                if found.session is not None and (
+                    found.kind is sessions.MatchKind.EXACT or state == "orphan" or expired
+                ):
                     self._match_row(int(row_id), found.session, found.kind.value, int(read_at), exits, now)
                     matched.append(int(row_id))
                     continue
-                if found.candidates:
-                    candidates = json.dumps([c.out_serial_number for c in found.candidates])
+                waiting = found.candidates or ((found.session,) if found.session is not None else ())
+                if waiting:
+                    candidates = json.dumps([c.out_serial_number for c in waiting])
                     self._db.execute("UPDATE events SET candidates = ? WHERE id = ?", (candidates, row_id))
-                if state == "held" and hold_until is not None and hold_until <= system_now:
+                if state == "held" and expired:
                     self._db.execute(
                         "UPDATE events SET state = 'orphan', updated_at = ? WHERE id = ? AND state = 'held'",
                         (now, row_id),

@@ -350,6 +350,7 @@ class Throttle:
 
     rng: random.Random = field(default_factory=random.Random)
     hold_until: float = 0.0
+    told_until: float = 0.0  # the part of the hold the API asked for (Retry-After): not even a round goes on
     failures: int = 0
     pause_level: int = 0
     paused_until: float | None = None
@@ -358,6 +359,10 @@ class Throttle:
 
     def paused(self, mono: float) -> bool:
         return self.paused_until is not None and self.paused_until > mono
+
+    def told(self, mono: float) -> bool:
+        """Whether the API asked us to wait (Retry-After) and that wait is not over."""
+        return self.told_until > mono
 
     def wait(self, mono: float) -> float:
         """Seconds until sending may resume (0: it may now)."""
@@ -384,6 +389,7 @@ class Throttle:
                 self.failures += 1
             if retry_after is not None:
                 self.hold_until = max(self.hold_until, mono + retry_after)
+                self.told_until = max(self.told_until, mono + retry_after)
             if self.failures >= HOLD_AFTER_FAILURES:
                 hold = backoff(self.failures - HOLD_AFTER_FAILURES, self.rng)
                 self.hold_until = max(self.hold_until, mono + min(hold, HOLD_CAP_S))

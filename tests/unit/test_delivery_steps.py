@@ -204,9 +204,11 @@ def test_three_failures_in_a_row_hold_the_whole_loop(tmp_path: Path) -> None:
     rig = make_rig(tmp_path, unavailable, entries=6, max_rate_per_s=10)
     rig.run_for(3.0)
     t = [c.at_mono for c in rig.api.calls]
-    assert len(t) >= 4
-    assert t[1] - t[0] < 0.5 and t[2] - t[1] < 0.5  # paced only
-    assert t[3] - t[2] >= 0.5  # after the third failure: held (backoff from 1 s)
+    assert len(t) >= 5
+    # The first round (max_in_flight = 4) goes out paced only, even past the third failure: our own hold
+    # delays the next round, it does not recall requests already taken for this one.
+    assert all(b - a < 0.5 for a, b in itertools.pairwise(t[:4]))
+    assert t[4] - t[3] >= 0.5  # the next round: held (backoff from 1 s)
 
 
 # -- pauses --------------------------------------------------------------------------------------------
