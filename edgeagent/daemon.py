@@ -218,6 +218,7 @@ class Daemon:
                 self.ingest.stats.journal_error,
                 self.delivery.runtime_status(),
                 self.lot.view(),
+                self.clock.offset is not None,
             )
             if mono >= next_heartbeat or marker != last_marker:
                 last_marker = marker

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,7 +54,12 @@ def test_agent_time_corrected_once_the_api_clock_is_known(
         assert row["time_corrected"] is True
         assert row["out_serial_number"] == accepted[0]["out_serial_number"]
 
-        view = status(config)[1]
+        # The offset comes from the signed refusals that preceded the acceptance; status has it within a beat.
+        def with_offset() -> dict[str, Any] | None:
+            v = status(config)[1]
+            return v if v["clock"]["offset_s"] is not None else None
+
+        view = eventually(with_offset, timeout=10, what="the offset in status")
         assert view["clock"]["synchronized"] is False
         assert abs(view["clock"]["offset_s"] - SKEW_S) < 5
         assert view["state"] == "degraded"
