@@ -219,6 +219,7 @@ PURE = [
         "requests",
         "policy",
         "wechatpay",
+        "lotwire",
     )
 ]
 PURE += sorted((PACKAGE / "decoders").glob("*.py"))
