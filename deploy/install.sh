@@ -7,12 +7,22 @@ set -euo pipefail
 usage() {
     cat <<'EOF'
 usage: deploy/install.sh [--root DIR] [--source PATH] [--camera-lan ADDRESS] [--no-start]
+                         [--lot-topic TOPIC] [--hub HOST[:PORT] [--hub-user NAME]
+                          [--hub-password-file FILE] [--hub-ca FILE]]
        deploy/install.sh --uninstall [--root DIR] [--purge [--force]]
 
   --source PATH        the checkout or a wheel (.whl) to install (default: this checkout)
   --camera-lan ADDRESS this box's static address on the camera LAN: the lane broker listens
                        there for the cameras (kept from the last run when not given)
   --no-start           install and enable, but do not (re)start the service
+  --lot-topic TOPIC    share sessions with the lot's other boxes (SPEC §11): writes [lot] topic
+                       into the config and lets the agent's broker account write TOPIC/#
+  --hub HOST[:PORT]    bridge TOPIC/# to the lot's hub broker (port 8883, TLS); not on the hub's
+                       own box. Kept from the last run when not given, like the options below
+  --hub-user NAME      this box's account on the hub (default: serial_prefix from the config)
+  --hub-password-file FILE  that account's password (first line), copied to
+                       /etc/edgeagent/hub.password (root:root 0600); never give it on the command line
+  --hub-ca FILE        the CA certificate the hub's TLS certificate is verified against
   --root DIR           install into the staging tree DIR instead of /: no apt-get, useradd,
                        systemctl or broker reload; accounts go to DIR/etc/passwd and DIR/etc/group
   --uninstall          remove the program, the unit and the broker drop-in; keeps
@@ -33,6 +43,11 @@ CHECKOUT="$(dirname "$HERE")"
 ROOT=""
 SOURCE=""
 CAMERA_LAN=""
+LOT_TOPIC=""
+HUB=""
+HUB_USER=""
+HUB_PASSWORD_FILE=""
+HUB_CA=""
 START=yes
 ACTION=install
 PURGE=no
@@ -42,6 +57,12 @@ while [ $# -gt 0 ]; do
         --root) [ $# -ge 2 ] || die "--root needs a directory"; ROOT="$2"; shift 2 ;;
         --source) [ $# -ge 2 ] || die "--source needs a path"; SOURCE="$2"; shift 2 ;;
         --camera-lan) [ $# -ge 2 ] || die "--camera-lan needs an address"; CAMERA_LAN="$2"; shift 2 ;;
+        --lot-topic) [ $# -ge 2 ] || die "--lot-topic needs a topic"; LOT_TOPIC="$2"; shift 2 ;;
+        --hub) [ $# -ge 2 ] || die "--hub needs HOST[:PORT]"; HUB="$2"; shift 2 ;;
+        --hub-user) [ $# -ge 2 ] || die "--hub-user needs a name"; HUB_USER="$2"; shift 2 ;;
+        --hub-password-file) [ $# -ge 2 ] || die "--hub-password-file needs a file"; HUB_PASSWORD_FILE="$2"; shift 2 ;;
+        --hub-password) die "--hub-password is not an option: a password on the command line is visible in ps; use --hub-password-file" ;;
+        --hub-ca) [ $# -ge 2 ] || die "--hub-ca needs a file"; HUB_CA="$2"; shift 2 ;;
         --no-start) START=no; shift ;;
         --uninstall) ACTION=uninstall; shift ;;
         --purge) PURGE=yes; shift ;;
@@ -76,6 +97,9 @@ BROKER_CONF=/etc/mosquitto/conf.d/edgeagent.conf
 BROKER_MAIN=/etc/mosquitto/mosquitto.conf
 BROKER_PASSWD=/etc/mosquitto/edgeagent.passwd
 BROKER_ACL=/etc/mosquitto/edgeagent.acl
+LOT_BRIDGE=/etc/mosquitto/conf.d/bridge-lot.conf
+LOT_HUB_CA=/etc/mosquitto/certs/lot-hub-ca.crt
+HUB_PASSWORD=$ETC/hub.password
 BIN_LINK=/usr/local/bin/edgeagent
 CAMERA_USER_TOOL=/usr/local/sbin/edgeagent-camera-user
 PRISTINE=$OPT/share/installed   # what we last installed of files you may edit (to spot your edits)
@@ -401,6 +425,120 @@ install_broker_files() {
     fi
 }
 
+# -- one lot, several boxes (SPEC §11) --------------------------------------------------------------
+
+LOT_ACL_START="# >>> lot (install.sh --lot-topic)"
+LOT_ACL_END="# <<< lot"
+
+check_lot_options() {
+    if [ -n "$LOT_TOPIC" ] && ! [[ "$LOT_TOPIC" =~ ^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$ ]]; then
+        die "--lot-topic $LOT_TOPIC: give a topic name of levels of A-Z a-z 0-9 . _ - separated by /, e.g. lots/WXPARK001/sessions (no wildcards, no leading or trailing /)"
+    fi
+    if [ -n "$HUB" ]; then
+        [[ "$HUB" =~ ^[A-Za-z0-9.-]+(:[0-9]{1,5})?$ ]] || die "--hub $HUB: give HOST or HOST:PORT (the hub's name on its TLS certificate)"
+        [[ "$HUB" == *:* ]] || HUB="$HUB:8883"
+    fi
+    if [ -n "$HUB_USER" ] && ! [[ "$HUB_USER" =~ ^[A-Za-z0-9._-]{1,64}$ ]]; then
+        die "--hub-user $HUB_USER: use 1-64 of A-Z a-z 0-9 . _ -"
+    fi
+    if [ -z "$HUB" ] && { [ -n "$HUB_USER" ] || [ -n "$HUB_PASSWORD_FILE" ] || [ -n "$HUB_CA" ]; }; then
+        [ -f "$(r "$LOT_BRIDGE")" ] || die "--hub-user, --hub-password-file and --hub-ca go with --hub HOST[:PORT]"
+    fi
+    local file
+    for file in "$HUB_PASSWORD_FILE" "$HUB_CA"; do
+        [ -z "$file" ] || [ -f "$file" ] || die "$file: not found"
+    done
+}
+
+# The value of KEY, a TOML basic string, in [TABLE] of the installed config ("" for the top level).
+config_string() {  # TABLE KEY
+    awk -v table="$1" -v key="$2" '
+        /^[[:space:]]*\[/ { section = $0; sub(/^[[:space:]]*\[/, "", section); sub(/\].*$/, "", section); next }
+        section == table && $0 ~ "^[[:space:]]*" key "[[:space:]]*=[[:space:]]*\"" {
+            sub(/^[^=]*=[[:space:]]*"/, ""); sub(/".*$/, ""); print; exit
+        }' "$(r "$CONFIG")" 2>/dev/null || true
+}
+
+# The installed config with [lot] topic = TOPIC: the line replaced in its [lot] table (comments and
+# everything else kept), the line added to a [lot] table without one, or the table appended.
+config_with_lot_topic() {
+    awk -v line="topic = \"$1\"" '
+        /^[[:space:]]*\[/ {
+            if (in_lot && !done) { print line; done = 1 }
+            in_lot = ($0 ~ /^[[:space:]]*\[lot\][[:space:]]*(#.*)?$/)
+            if (in_lot) seen = 1
+        }
+        in_lot && !done && /^[[:space:]]*topic[[:space:]]*=/ { print line; done = 1; next }
+        { print }
+        END { if (!seen) printf "\n[lot]\n%s\n", line; else if (!done) print line }' "$(r "$CONFIG")"
+}
+
+# The broker ACL with the agent's lot block for TOPIC (written anew), or without it for "".
+acl_with_lot() {
+    awk -v start="$LOT_ACL_START" -v end="$LOT_ACL_END" '
+        $0 == start { skip = 1; next }
+        $0 == end { skip = 0; next }
+        !skip { print }' "$(r "$BROKER_ACL")"
+    [ -n "$1" ] || return 0
+    printf '%s\n' "$LOT_ACL_START" \
+        "# The agent publishes its sessions' snapshots and its exit records under the lot topic (SPEC §11)." \
+        "user edgeagent" "topic write $1/#" "$LOT_ACL_END"
+}
+
+# A setting of the installed bridge ("" when there is none): what the last run was given.
+bridge_setting() { awk -v k="$1" '$1 == k { print $2; exit }' "$(r "$LOT_BRIDGE")" 2>/dev/null || true; }
+
+# deploy/mosquitto/bridge-lot.conf with its placeholders filled in, on setting lines only (the comments
+# keep explaining them). Bash substitution with a quoted replacement: no character of the password is
+# special, as it would be to sed or awk.
+render_bridge() {  # TOPIC HUB USER PASSWORD
+    local line
+    while IFS= read -r line; do
+        if [[ "$line" != \#* ]]; then
+            line="${line//LOT_TOPIC/"$1"}"
+            line="${line//HUB_ADDRESS/"$2"}"
+            line="${line//BOX_ID/"$3"}"
+            line="${line//HUB_PASSWORD/"$4"}"
+        fi
+        printf '%s\n' "$line"
+    done < "$HERE/mosquitto/bridge-lot.conf"
+}
+
+install_lot_files() {
+    local topic="$LOT_TOPIC" hub="$HUB" user="$HUB_USER" password
+    if [ -n "$topic" ]; then
+        config_with_lot_topic "$topic" | put "$CONFIG" root edgeagent 0640
+    else
+        topic="$(config_string lot topic)"
+    fi
+    # The agent's account may write the lot topic the config names (and nothing once it names none).
+    if [ -n "$topic" ] || grep -qxF "$LOT_ACL_START" "$(r "$BROKER_ACL")"; then
+        acl_with_lot "$topic" | put "$BROKER_ACL" root mosquitto 0640
+    fi
+    [ -n "$hub" ] || hub="$(bridge_setting address)"
+    [ -n "$hub" ] || return 0  # no hub: this box is the lot's hub, or the whole lot
+    [ -n "$topic" ] || die "--hub needs the lot topic: --lot-topic TOPIC (or [lot] topic in $CONFIG)"
+    [ -n "$user" ] || user="$(bridge_setting remote_username)"
+    [ -n "$user" ] || user="$(config_string "" serial_prefix)"
+    [[ "$user" =~ ^[A-Za-z0-9._-]{1,64}$ ]] || die "--hub: no account name for this box on the hub: --hub-user NAME"
+    if [ -n "$HUB_PASSWORD_FILE" ]; then
+        head -n 1 "$HUB_PASSWORD_FILE" | put "$HUB_PASSWORD" root root 0600
+    fi
+    [ -s "$(r "$HUB_PASSWORD")" ] || die "--hub: no password for the hub account $user: --hub-password-file FILE"
+    password="$(head -n 1 "$(r "$HUB_PASSWORD")")"
+    [[ "$password" =~ ^[[:graph:]]{1,256}$ ]] || die "$HUB_PASSWORD: the password must be 1-256 printable characters without spaces"
+    set_owner "$(r "$HUB_PASSWORD")" root root 0600
+    if [ -n "$HUB_CA" ]; then
+        grep -q -- "-----BEGIN CERTIFICATE-----" "$HUB_CA" || die "--hub-ca $HUB_CA: not a PEM certificate"
+        directory "$(dirname "$LOT_HUB_CA")" root root 0755
+        put "$LOT_HUB_CA" root root 0644 < "$HUB_CA"
+    fi
+    [ -f "$(r "$LOT_HUB_CA")" ] || die "--hub: the CA that signed the hub's certificate is needed: --hub-ca FILE"
+    # It holds the hub password: readable by the broker's group only.
+    render_bridge "$topic" "$hub" "$user" "$password" | put "$LOT_BRIDGE" root mosquitto 0640
+    say "lot: $topic/# bridged to $hub as $user"
+}
+
 install_files() {
     directory "$OPT" root root 0755
     directory "$OPT/share" root root 0755
@@ -437,6 +575,10 @@ install_files() {
     put "$OPT/share/mosquitto/edgeagent.conf" root root 0644 < "$HERE/mosquitto/edgeagent.conf"
     put "$OPT/share/mosquitto/acl.example" root root 0644 < "$HERE/mosquitto/acl.example"
     put "$OPT/share/mosquitto/bridge-central.conf" root root 0644 < "$HERE/mosquitto/bridge-central.conf"
+    local lot_file
+    for lot_file in bridge-lot.conf hub-lot.conf lot-hub.acl.example; do
+        put "$OPT/share/mosquitto/$lot_file" root root 0644 < "$HERE/mosquitto/$lot_file"
+    done
     put "$OPT/share/install.sh" root root 0755 < "$HERE/install.sh"
     put "$OPT/share/uninstall.sh" root root 0755 < "$HERE/uninstall.sh"
     directory "$OPT/share/mosquitto" root root 0755
@@ -503,10 +645,12 @@ start_services() {
 
 do_install() {
     CHANGED=()
+    check_lot_options
     ensure_packages
     ensure_accounts
     install_files
     install_broker_files
+    install_lot_files
     install_package
     start_services
     say "done${ROOT:+ (staged in $ROOT)}. Next: docs/deploy.md, 'Commissioning a lane'."
@@ -547,13 +691,14 @@ do_uninstall() {
     if [ "$PURGE" = yes ] && [ "$FORCE" = no ] && [ $((pending + dead)) -gt 0 ]; then
         die "the journal holds $pending pending and $dead dead entries that WeChat Pay never confirmed; deliver them first (edgeagent status, edgeagent retry --dead), or add --force to delete them with everything else"
     fi
-    rm -f "$(r "$WANTS")" "$(r "$UNIT")" "$(r "$BROKER_DROPIN")" "$(r "$BROKER_CONF")" "$(r "$BROKER_CONF").dist"
+    rm -f "$(r "$WANTS")" "$(r "$UNIT")" "$(r "$BROKER_DROPIN")" "$(r "$BROKER_CONF")" "$(r "$BROKER_CONF").dist" \
+        "$(r "$LOT_BRIDGE")"
     rmdir "$(r "$(dirname "$BROKER_DROPIN")")" 2>/dev/null || true
     rm -f "$(r "$BIN_LINK")" "$(r "$CAMERA_USER_TOOL")"
     rm -rf "$(r "$OPT")"
     if [ "$PURGE" = yes ]; then
         rm -rf "$(r "$ETC")" "$(r "$STATE")"
-        rm -f "$(r "$BROKER_PASSWD")" "$(r "$BROKER_ACL")"
+        rm -f "$(r "$BROKER_PASSWD")" "$(r "$BROKER_ACL")" "$(r "$LOT_HUB_CA")"
         if [ -n "$ROOT" ]; then
             sed -i -e '/^edgeagent:/d' -e "/^$READERS:/d" "$(r /etc/passwd)" "$(r /etc/group)" 2>/dev/null || true
         else

@@ -858,6 +858,118 @@ def test_fleet_status_reaches_the_central_broker_through_the_bridge_snippet(
         central.stop(signal.SIGKILL)
 
 
+# -- one lot, several boxes: install.sh --lot-topic / --hub (SPEC §11) -----------------------------------
+
+LOT = "lots/WXPARK001/sessions"
+LOT_BLOCK = "# >>> lot (install.sh --lot-topic)"
+
+
+def lot_settings(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.slow
+def test_lot_options_set_the_topic_the_agents_acl_and_a_private_bridge(staged: Staged, tmp_path: Path) -> None:
+    root = copy_tree(staged, tmp_path / "root")
+    config_path = root / "etc/edgeagent/edgeagent.toml"
+    config_path.write_text(config_path.read_text() + "# my own note\n")  # an operator's edit stays
+    before = config_path.read_text()
+    ca, _, _ = tls_material(tmp_path / "tls")
+    secret = tmp_path / "hub.password"
+    secret.write_text("hub-s3cret&|\\/\n")  # characters sed, awk and bash 5.2 substitution treat specially
+    secret.chmod(0o600)
+    first = run_script(INSTALL, "--root", str(root), "--lot-topic", LOT, "--hub", "127.0.0.1",
+                       "--hub-password-file", str(secret), "--hub-ca", str(ca))  # fmt: skip
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"lot: {LOT}/# bridged to 127.0.0.1:8883 as P1G1" in first.stdout
+    assert "hub-s3cret" not in first.stdout + first.stderr
+
+    # The config: [lot] topic set in place, everything else as it was.
+    config = parse(config_path.read_text(encoding="utf-8"), config_path, check_files=False)
+    assert config.lot.topic == LOT
+    changed = set(config_path.read_text().splitlines()) ^ set(before.splitlines())
+    assert changed == {'topic = ""', f'topic = "{LOT}"'}
+    # The agent's account may write the lot topic on its own broker.
+    acl = (root / "etc/mosquitto/edgeagent.acl").read_text()
+    assert acl.count(LOT_BLOCK) == 1
+    assert f"{LOT_BLOCK}\n# The agent publishes" in acl and f"user edgeagent\ntopic write {LOT}/#\n# <<< lot\n" in acl
+    # The bridge: the shipped file filled in, private, with the password from the file, the CA in place.
+    bridge = root / "etc/mosquitto/conf.d/bridge-lot.conf"
+    shipped = REPO / "deploy/mosquitto/bridge-lot.conf"
+    expected = [
+        line.replace("LOT_TOPIC", LOT).replace("HUB_ADDRESS", "127.0.0.1:8883").replace("BOX_ID", "P1G1")
+        .replace("HUB_PASSWORD", "hub-s3cret&|\\/")
+        for line in lot_settings(shipped)
+    ]  # fmt: skip
+    assert lot_settings(bridge) == expected
+    assert [line for line in bridge.read_text().splitlines() if line.startswith("#")] == [
+        line for line in shipped.read_text().splitlines() if line.startswith("#")
+    ]
+    users, groups = account_ids(root)
+    for rel, mode, owner, group in (
+        ("etc/mosquitto/conf.d/bridge-lot.conf", 0o640, "root", "mosquitto"),
+        ("etc/edgeagent/hub.password", 0o600, "root", "root"),
+        ("etc/mosquitto/certs/lot-hub-ca.crt", 0o644, "root", "root"),
+    ):
+        st = (root / rel).stat()
+        assert stat.S_IMODE(st.st_mode) == mode, rel
+        if IS_ROOT:
+            assert (st.st_uid, st.st_gid) == (users[owner], groups[group]), rel
+    assert (root / "etc/mosquitto/certs/lot-hub-ca.crt").read_bytes() == ca.read_bytes()
+    for name in ("bridge-lot.conf", "hub-lot.conf", "lot-hub.acl.example"):
+        assert (root / "opt/edgeagent/share/mosquitto" / name).read_text() == (
+            REPO / "deploy/mosquitto" / name
+        ).read_text()
+
+    # Again without options: nothing changes (the hub, account, password and CA are kept).
+    tree = snapshot(root)
+    again = run_script(INSTALL, "--root", str(root))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert snapshot(root) == tree
+
+    # Another lot topic: the config line, the one ACL block and the bridge follow it.
+    moved = run_script(INSTALL, "--root", str(root), "--lot-topic", "lots/WXPARK002/sessions")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert parse(config_path.read_text(), config_path, check_files=False).lot.topic == "lots/WXPARK002/sessions"
+    acl = (root / "etc/mosquitto/edgeagent.acl").read_text()
+    assert acl.count(LOT_BLOCK) == 1 and "topic write lots/WXPARK002/sessions/#" in acl and LOT not in acl
+    assert "topic lots/WXPARK002/sessions/# both 1" in lot_settings(bridge)
+
+    removed = run_script(UNINSTALL, "--root", str(root), timeout=120)
+    assert removed.returncode == 0, removed.stderr
+    assert not bridge.exists()
+    assert (root / "etc/edgeagent/hub.password").exists()  # with the rest of /etc/edgeagent
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--lot-topic", "lots/+/sessions"], "--lot-topic lots/+/sessions: give a topic name"),
+        (["--lot-topic", "lots/WXPARK001/"], "no wildcards, no leading or trailing /"),
+        (["--lot-topic", "$SYS/x"], "--lot-topic $SYS/x"),
+        (["--hub", "hub.example.com:88a"], "--hub hub.example.com:88a: give HOST or HOST:PORT"),
+        (["--hub-password", "secret"], "a password on the command line is visible in ps"),
+        (["--hub-ca", "/nonexistent/ca.crt", "--hub", "h"], "/nonexistent/ca.crt: not found"),
+        (["--hub-user", "P1G2"], "go with --hub HOST[:PORT]"),
+    ],
+)
+def test_lot_options_refused_before_anything_is_installed(tmp_path: Path, args: list[str], complaint: str) -> None:
+    result = run_script(INSTALL, "--root", str(tmp_path / "root"), *args, timeout=60)
+    assert result.returncode != 0
+    assert complaint in result.stderr
+    assert not (tmp_path / "root/opt").exists()
+
+
+@pytest.mark.slow
+def test_hub_without_a_password_is_refused(staged: Staged, tmp_path: Path) -> None:
+    root = copy_tree(staged, tmp_path / "root")
+    ca, _, _ = tls_material(tmp_path / "tls")
+    result = run_script(INSTALL, "--root", str(root), "--lot-topic", LOT, "--hub", "hub.lot", "--hub-ca", str(ca))
+    assert result.returncode != 0
+    assert "no password for the hub account P1G1: --hub-password-file FILE" in result.stderr
+    assert not (root / "etc/mosquitto/conf.d/bridge-lot.conf").exists()
+
+
 # -- the real install, in a throwaway overlay ---------------------------------------------------------
 
 OVERLAY = """set -e

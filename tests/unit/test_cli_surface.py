@@ -256,6 +256,7 @@ PURE = [
         "requests",
         "policy",
         "wechatpay",
+        "lotwire",
     )
 ]
 PURE += sorted((PACKAGE / "decoders").glob("*.py"))
