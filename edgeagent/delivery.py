@@ -385,7 +385,8 @@ class DeliveryLoop:
             policy.Verdict.TRANSIENT,
             policy.Verdict.UNVERIFIED,
         )
-        answered_at = reply.received_at if isinstance(reply, Answer) else None
+        # On the API's clock, like the camera times we report: latency as WeChat measures it.
+        answered_at = reply.received_at + (self.clock.offset or 0.0) if isinstance(reply, Answer) else None
         return Marked(due.id, outcome, answered_at, uncertain)
 
     def _unique_serial(self, due: Due, sent: policy.Sent, now: float) -> policy.Outcome:

@@ -104,7 +104,8 @@ MIGRATIONS: tuple[str, ...] = (
     # attempt ended without a verified answer in a way the API may have accepted (timeout, dropped
     # connection, unverified 2xx, 5xx): `retry --rebuild` leaves such a body as it is. `acceptance`:
     # how a sent row was confirmed ("verified", or "duplicate" = refused as an already used number).
-    # `answered_at`: the system clock when the verified answer arrived (latency in status).
+    # `answered_at`: when the verified answer arrived, on the API's clock (our clock + the learnt offset):
+    # latency in status is measured as WeChat sees it, from the camera's read (enter/exit timestamp).
     # Exits (issue 10): an exit row shares its entry's number and `depends_on` it; `plate_number` is the
     # plate as read at the exit, the body the session's. `match`: exact | fuzzy | manual | inferred |
     # none; `clamped`: exit_timestamp raised to entry + 1; `candidates`: the sessions that fitted when
@@ -250,7 +251,7 @@ class Due:
 
 @dataclass(frozen=True, slots=True)
 class Marked:
-    """One delivery outcome to journal; `answered_at` is the system clock when the answer arrived."""
+    """One delivery outcome to journal; `answered_at`: when the answer arrived, on the API's clock."""
 
     id: int
     outcome: policy.Outcome
@@ -1108,10 +1109,11 @@ class Journal:
         }
 
     def latencies(self, kind: Kind, since: float) -> list[float]:
-        """Seconds from camera read (receipt) to verified answer, of `kind` requests answered since `since`."""
+        """Seconds from the camera's read (the enter or exit timestamp we reported) to the verified answer,
+        of `kind` requests answered since `since`: what WeChat sees, and rates lots by ("进场时延过高")."""
         rows = self._query(
-            "SELECT answered_at - received_at FROM events WHERE kind = ? AND answered_at >= ? "
-            "AND acceptance = 'verified' ORDER BY 1",
+            "SELECT answered_at - coalesce(exit_timestamp, enter_timestamp, received_at) FROM events "
+            "WHERE kind = ? AND answered_at >= ? AND acceptance = 'verified' ORDER BY 1",
             (kind.value, since),
         )
         return [max(0.0, float(r[0])) for r in rows]

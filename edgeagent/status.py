@@ -61,7 +61,8 @@ class LotView(TypedDict):
 
 
 class LatencyView(TypedDict):
-    """Camera read → verified answer over the last 24 h, in seconds (SPEC §7)."""
+    """Camera read → verified answer over the last 24 h, in seconds (SPEC §7): from the enter or exit
+    timestamp we reported to the answer, both on the API's clock, as WeChat measures it."""
 
     entry_p50_s: float | None
     entry_p95_s: float | None

@@ -241,6 +241,14 @@ def test_revive_brings_back_the_dead_of_a_run_without_counting_as_a_requeue(tmp_
 # -- latency ------------------------------------------------------------------------------------------------
 
 
+def test_latency_counts_from_the_cameras_read_not_our_receipt(tmp_path: Path) -> None:
+    # A read the camera kept a minute (offline re-send, a slow link) is a minute late for WeChat too.
+    journal = Journal(tmp_path / "journal.sqlite3")
+    [late] = record_entries(journal, [7], T0, when=int(T0) - 60)
+    marked(journal, Marked(late.id, policy.Sent("WX7"), T0 + 1))
+    assert journal.latencies(Kind.ENTRY, T0) == [61.0]
+
+
 def test_latencies_are_camera_read_to_verified_answer(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.sqlite3")
     ids = [r.id for r in record_entries(journal, [1, 2, 3, 4], T0)]
