@@ -507,7 +507,7 @@ render_bridge() {  # TOPIC HUB USER PASSWORD
 install_lot_files() {
     local topic="$LOT_TOPIC" hub="$HUB" user="$HUB_USER" password
     if [ -n "$topic" ]; then
-        config_with_lot_topic "$topic" | put "$CONFIG" root edgeagent 0640
+        config_with_lot_topic "$topic" | put "$CONFIG" root "$READERS" 0640
     else
         topic="$(config_string lot topic)"
     fi

@@ -284,6 +284,10 @@ class DeliveryLoop:
         if batch:
             return batch
         try:
+            if self.throttle.troubled():
+                # The uplink or the API is in trouble: one probe at a time, and always the oldest pending
+                # request, so that when it comes back the backlog drains oldest first (SPEC §5).
+                return self.journal.oldest(exclude=tuple(busy))
             batch = self.journal.due(self.clock.now(), free, exclude=tuple(busy))
         except JournalError as exc:
             self.journal_error = str(exc)
@@ -367,6 +371,9 @@ class DeliveryLoop:
             outcome = self._unique_serial(due, outcome, now)
         mono = self.clock.monotonic()
         was_paused = self.throttle.paused(mono)
+        if isinstance(outcome, policy.Sent) and self.throttle.troubled():
+            # The first success after an outage: the backlog is due now, and goes out oldest first.
+            self._wake_backlog(now)
         if not (corrected and isinstance(outcome, policy.Pause)):
             # (A refusal that corrected our clock is already answered: the request is due again at once,
             # signed with the right time; pausing for it would only wait out the cause just removed.)
@@ -446,6 +453,16 @@ class DeliveryLoop:
             result,
             reading.summary,
         )
+
+    def _wake_backlog(self, now: float) -> None:
+        self._mark(force=True)  # answers gathered in this round first: their rows must not be woken twice
+        try:
+            woken = self.journal.wake_backlog(now)
+        except JournalError as exc:
+            log.warning("backlog_wake_failed error=%s", exc)
+            return
+        if woken:
+            log.info("uplink_back backlog_due=%d", woken)
 
     def _revive(self, ids: tuple[int, ...]) -> None:
         try:

@@ -878,6 +878,30 @@ class Journal:
         due = [Due(r[0], Kind(r[1]), r[2], bytes(r[3]), r[4], r[5]) for r in rows if r[0] not in skip]
         return due[:limit]
 
+    def oldest(self, exclude: Sequence[int] = ()) -> list[Due]:
+        """The oldest pending request whose prerequisite is sent, due or not: the probe after an outage."""
+        skip = set(exclude)
+        rows = self._query(
+            "SELECT id, kind, out_serial_number, body, attempts, received_at FROM events AS r "
+            "WHERE state = 'pending' AND (depends_on IS NULL OR EXISTS (SELECT 1 FROM events AS p "
+            "WHERE p.id = r.depends_on AND p.state = 'sent')) ORDER BY id LIMIT ?",
+            (1 + len(skip),),
+        )
+        due = [Due(r[0], Kind(r[1]), r[2], bytes(r[3]), r[4], r[5]) for r in rows if r[0] not in skip]
+        return due[:1]
+
+    def wake_backlog(self, now: float) -> int:
+        """Every pending request waiting out a backoff is due now (the uplink is back: drain in order)."""
+
+        def apply() -> int:
+            cur = self._db.execute(
+                "UPDATE events SET next_attempt_at = NULL WHERE state = 'pending' AND next_attempt_at > ?", (now,)
+            )
+            return int(cur.rowcount)
+
+        woken: int = self._write(apply)
+        return woken
+
     def pending(self, row_id: int) -> Due | None:
         """Row `row_id` if it is pending (a freshly journaled entry handed straight to delivery)."""
         rows = self._query(

@@ -360,6 +360,10 @@ class Throttle:
     def paused(self, mono: float) -> bool:
         return self.paused_until is not None and self.paused_until > mono
 
+    def troubled(self) -> bool:
+        """Whether failures in a row have reached the hold: the uplink or the API is in trouble."""
+        return self.failures >= HOLD_AFTER_FAILURES
+
     def told(self, mono: float) -> bool:
         """Whether the API asked us to wait (Retry-After) and that wait is not over."""
         return self.told_until > mono
