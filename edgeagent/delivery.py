@@ -285,8 +285,8 @@ class DeliveryLoop:
             return batch
         try:
             if self.throttle.troubled():
-                # The uplink or the API is in trouble: one probe at a time, and always the oldest pending
-                # request, so that when it comes back the backlog drains oldest first (SPEC §5).
+                # The uplink is down: one probe at a time, and always the oldest pending request, so that
+                # when it comes back the backlog drains oldest first (SPEC §5).
                 return self.journal.oldest(exclude=tuple(busy))
             batch = self.journal.due(self.clock.now(), free, exclude=tuple(busy))
         except JournalError as exc:
@@ -377,7 +377,7 @@ class DeliveryLoop:
         if not (corrected and isinstance(outcome, policy.Pause)):
             # (A refusal that corrected our clock is already answered: the request is due again at once,
             # signed with the right time; pausing for it would only wait out the cause just removed.)
-            self.throttle.record(outcome, mono, reading.retry_after)
+            self.throttle.record(outcome, mono, reading.retry_after, offline=isinstance(reply, Failure))
         if isinstance(outcome, policy.Pause) and not was_paused and self.throttle.paused(mono):
             self._paused_at_system = self.clock.system()
             log.warning("delivery_paused cause=%r", outcome.reason)

@@ -352,6 +352,7 @@ class Throttle:
     hold_until: float = 0.0
     told_until: float = 0.0  # the part of the hold the API asked for (Retry-After): not even a round goes on
     failures: int = 0
+    offline: bool = False  # the last outcome came with no answer at all
     pause_level: int = 0
     paused_until: float | None = None
     pause_cause: str | None = None
@@ -361,8 +362,9 @@ class Throttle:
         return self.paused_until is not None and self.paused_until > mono
 
     def troubled(self) -> bool:
-        """Whether failures in a row have reached the hold: the uplink or the API is in trouble."""
-        return self.failures >= HOLD_AFTER_FAILURES
+        """Whether the uplink is down: failures in a row have reached the hold, the last without any answer.
+        (An API answering 429 or 5xx is not down: each request keeps its own backoff then.)"""
+        return self.offline and self.failures >= HOLD_AFTER_FAILURES
 
     def told(self, mono: float) -> bool:
         """Whether the API asked us to wait (Retry-After) and that wait is not over."""
@@ -373,8 +375,9 @@ class Throttle:
         until = max(self.hold_until, self.paused_until or 0.0)
         return max(0.0, until - mono)
 
-    def record(self, outcome: Outcome, mono: float, retry_after: float | None = None) -> None:
-        """Take one outcome into account."""
+    def record(self, outcome: Outcome, mono: float, retry_after: float | None = None, *, offline: bool = False) -> None:
+        """Take one outcome into account; `offline`: no answer at all came back (the uplink is down)."""
+        self.offline = offline
         if isinstance(outcome, Sent):
             self.failures = self.pause_level = 0
             self.paused_until = None
