@@ -36,7 +36,7 @@ from edgeagent.pipeline import Pipeline
 from edgeagent.platform_keys import PlatformKeys
 from edgeagent.routing import Router
 from edgeagent.screening import CarTypeLists, repeat_of
-from edgeagent.status import LatencyView, StatusView, disk_view, from_journal, iso, write_heartbeat
+from edgeagent.status import LatencyView, SessionsView, StatusView, disk_view, from_journal, iso, write_heartbeat
 from edgeagent.status import build as build_status
 from edgeagent.systemd import Notifier, watchdog_interval_s
 from edgeagent.uplink import Uplink
@@ -47,6 +47,7 @@ HEARTBEAT_EVERY_S = 10.0
 STATUS_PUBLISH_EVERY_S = 30.0
 PROGRESS_STALE_S = 20.0  # a working loop silent for this long is stuck: stop feeding the watchdog
 LATENCY_EVERY_S = 60.0
+SESSIONS_EVERY_S = 15.0
 PROGRESS_STALE_MIN_S = 5.0  # … or for WatchdogSec, when that is shorter (but never less than this)
 
 
@@ -116,6 +117,8 @@ class Daemon:
         self._last_published: tuple[Any, ...] = ()
         self._latency: LatencyView | None = None
         self._latency_at = 0.0
+        self._sessions: SessionsView | None = None
+        self._sessions_at = 0.0
 
     # -- runtime view ----------------------------------------------------------------------------
 
@@ -244,15 +247,18 @@ class Daemon:
         except OSError as exc:
             log.warning("heartbeat_write_failed error=%s", exc)
         now = time.time()
-        # Latency sorts a day of answers: at most once a minute, not on every batch.
+        # Latency sorts a day of answers and the session counts scan the open sessions: at most once a
+        # minute and every SESSIONS_EVERY_S, not on every batch (`edgeagent status` computes them itself).
         fresh_latency = now - self._latency_at >= LATENCY_EVERY_S
-        counted = from_journal(self.journal_reader, now, latency=fresh_latency)
-        if counted.latency is not None:
-            self._latency, self._latency_at = counted.latency, now
+        fresh_sessions = now - self._sessions_at >= SESSIONS_EVERY_S
+        c = from_journal(self.journal_reader, now, latency=fresh_latency, sessions=fresh_sessions)
+        if c.latency is not None:
+            self._latency, self._latency_at = c.latency, now
+        if c.sessions is not None:
+            self._sessions, self._sessions_at = c.sessions, now
         disk = disk_view(self.config.state_dir)
-        c = counted
         status = build_status(
-            self.config, runtime, True, c.queue, c.cameras, c.error, now, disk, self._latency, c.sessions
+            self.config, runtime, True, c.queue, c.cameras, c.error, now, disk, self._latency, self._sessions
         )
         status["client_id"] = self.config.mqtt.client_id
         return status

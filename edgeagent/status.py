@@ -296,11 +296,12 @@ class Counted:
     error: str | None = None
 
 
-def from_journal(journal: Journal, now: float, *, latency: bool = True) -> Counted:
-    """Queue, cameras, sessions and (unless not asked for: it sorts a day of answers) latency."""
+def from_journal(journal: Journal, now: float, *, latency: bool = True, sessions: bool = True) -> Counted:
+    """Queue, cameras and, unless not asked for, sessions (a scan of the open ones) and latency (a sort
+    of a day of answers): the daemon, which rebuilds status on every batch, asks for those less often."""
     try:
         queue: QueueView = journal.queue_summary(now)  # type: ignore[assignment]
-        parked: SessionsView = journal.session_counts(now)  # type: ignore[assignment]
+        parked: SessionsView | None = journal.session_counts(now) if sessions else None  # type: ignore[assignment]
         lat = latency_view(journal, now) if latency else None
         return Counted(queue, journal.camera_summary(now), lat, parked)
     except JournalError as exc:
