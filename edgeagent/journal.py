@@ -414,7 +414,8 @@ class Journal:
     def recent_entry(self, plate_number: str, low: float, high: float) -> int | None:
         """The newest entry of `plate_number` timed within [low, high], if any."""
         row = self._db.execute(
-            "SELECT id FROM events WHERE kind = 'entry' AND plate_number = ? "
+            # `state != 'rejected'` lets SQLite use the partial index events_plate (kind alone does not).
+            "SELECT id FROM events WHERE kind = 'entry' AND state != 'rejected' AND plate_number = ? "
             "AND enter_timestamp BETWEEN ? AND ? ORDER BY id DESC LIMIT 1",
             (plate_number, low, high),
         ).fetchone()
@@ -515,7 +516,7 @@ class Journal:
         marks = ",".join("?" * len(plates))
         rows = self._db.execute(
             "SELECT id, out_serial_number, plate_number, plate_color, enter_timestamp, body FROM events AS e "
-            f"WHERE kind = 'entry' AND plate_number IN ({marks}) AND NOT EXISTS "
+            f"WHERE kind = 'entry' AND state != 'rejected' AND plate_number IN ({marks}) AND NOT EXISTS "
             "(SELECT 1 FROM events AS x WHERE x.kind = 'exit' AND x.depends_on = e.id) ORDER BY id",
             tuple(plates),
         ).fetchall()
@@ -595,13 +596,21 @@ class Journal:
         """An exit read of the same plate at the same exit within the window (SPEC §10: one exit)."""
         # The same car as read before, or as its session knows it: a car that left by a fuzzy match
         # (8 read for B) and is then read right at the same barrier is still the one car.
+        # Two indexed lookups (plate, then the plate's session numbers), not one OR that scans the table.
+        low, high = read.read_at - window_s, read.read_at + window_s
         row = self._db.execute(
-            "SELECT id FROM events AS x WHERE kind = 'exit' AND exit_number = ? AND exit_timestamp BETWEEN ? AND ? "
-            "AND (plate_number = ? OR out_serial_number IN "
-            "(SELECT out_serial_number FROM events WHERE kind = 'entry' AND plate_number = ?)) "
-            "ORDER BY id DESC LIMIT 1",
-            (read.exit_number, read.read_at - window_s, read.read_at + window_s, read.plate_number, read.plate_number),
+            "SELECT id FROM events WHERE kind = 'exit' AND state != 'rejected' AND plate_number = ? "
+            "AND exit_number = ? AND exit_timestamp BETWEEN ? AND ? ORDER BY id DESC LIMIT 1",
+            (read.plate_number, read.exit_number, low, high),
         ).fetchone()
+        if row is None:
+            row = self._db.execute(
+                "SELECT x.id FROM events AS e JOIN events AS x ON x.kind = 'exit' "
+                "AND x.out_serial_number = e.out_serial_number WHERE e.kind = 'entry' AND e.state != 'rejected' "
+                "AND e.plate_number = ? AND x.exit_number = ? AND x.exit_timestamp BETWEEN ? AND ? "
+                "ORDER BY x.id DESC LIMIT 1",
+                (read.plate_number, read.exit_number, low, high),
+            ).fetchone()
         return None if row is None else int(row[0])
 
     def _record_exit(self, read: ExitRead, inbound: Inbound, exits: ExitRules, now: float) -> Record:
