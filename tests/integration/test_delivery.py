@@ -453,5 +453,6 @@ def test_a_clock_far_behind_the_apis_does_not_expire_fresh_entries(gate: Gate) -
     finally:
         loop.stop()
         worker.join(timeout=30)
+        uplink.close()  # the daemon closes it at shutdown; here the test owns it
     assert after["state"] == "pending", after
     assert after["last_error"].startswith("HTTP 503 SERVICE_UNAVAILABLE"), after  # tried again, not expired
