@@ -106,9 +106,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     return check.run(resolve_path(args.config), online=args.online)
 
 
-def cmd_events(args: argparse.Namespace) -> int:
-    from edgeagent.journal import Journal  # noqa: PLC0415
-
+def _listing_config(args: argparse.Namespace, command: str) -> Config | int:
+    """The config of a read command that lists journal rows (`events`, `sessions`), or its exit code:
+    no journal yet (an empty JSON array with --json) or a --limit below 1."""
     config = _config(args, check_files=False)
     if not config.journal_path.exists():
         print(f"edgeagent: no journal yet at {config.journal_path} (has `edgeagent run` started?)", file=sys.stderr)
@@ -116,8 +116,17 @@ def cmd_events(args: argparse.Namespace) -> int:
             print("[]")
         return EXIT_FAILED
     if args.limit < 1:
-        print("edgeagent events: --limit must be at least 1", file=sys.stderr)
+        print(f"edgeagent {command}: --limit must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    return config
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from edgeagent.journal import Journal  # noqa: PLC0415
+
+    config = _listing_config(args, "events")
+    if isinstance(config, int):
+        return config
     from edgeagent.status import event_view, pid_is_edgeagent, read_heartbeat  # noqa: PLC0415
 
     heartbeat = read_heartbeat(config.state_dir)
@@ -235,15 +244,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     from edgeagent.journal import Journal  # noqa: PLC0415
     from edgeagent.status import session_view  # noqa: PLC0415
 
-    config = _config(args, check_files=False)
-    if not config.journal_path.exists():
-        print(f"edgeagent: no journal yet at {config.journal_path} (has `edgeagent run` started?)", file=sys.stderr)
-        if args.json:
-            print("[]")
-        return EXIT_FAILED
-    if args.limit < 1:
-        print("edgeagent sessions: --limit must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
+    config = _listing_config(args, "sessions")
+    if isinstance(config, int):
+        return config
     view = "open" if args.open else "closed" if args.closed else "orphans" if args.orphans else None
     plate = None
     if args.plate:
